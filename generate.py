@@ -1,0 +1,100 @@
+"""Sample the synthetic responses y' ~ p_θt(·|x) from the frozen opponent (Algorithm 1, line 3
+of arXiv 2401.01335v3: "Generate y'_i ~ p_θt(·|x_i)").
+
+One response per prompt, from the prompt ids that training will use (data.render_prompt), so the
+prompt/response boundary is identical in both. Prompts are batched by length, left-padded (a
+decoder continues from the right end), and each batch is seeded, so a run is reproducible.
+For every prompt we keep the generated token ids themselves (never re-tokenized), the text, and
+whether it ended with EOS or hit the max_new_tokens limit.
+
+    python generate.py --model runs/toy/iter0/model --data toy --out samples.jsonl
+    python generate.py --model alignment-handbook/zephyr-7b-sft-full \\
+        --data HuggingFaceH4/ultrachat_200k --split test_sft --max_samples 100 --out samples.jsonl
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
+             progress: bool = False) -> list[dict]:
+    """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt."""
+    from transformers import GenerationConfig
+
+    model.eval()
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
+                              **(dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}))
+    # Prompts of similar length share a batch: less padding. The order is restored at the end.
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    results: list[dict] = [{}] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        batch = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T) left-padded
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention_mask[row, width - len(prompts[i]):] = 1
+        torch.manual_seed(seed + number)  # one seed per batch: the same run samples the same tokens
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                generation_config=config)  # (B, T + new)
+        for row, i in enumerate(batch):
+            new = output[row, width:].tolist()
+            ended = eos in new
+            new = new[: new.index(eos) + 1] if ended else new  # drop the padding after EOS
+            results[i] = {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
+                          "ended": ended}
+        bar.update(len(batch))
+        bar.set_postfix(ended=f"{sum(results[i]['ended'] for i in batch) / len(batch):.0%}")
+    bar.close()
+    return results
+
+
+def main(argv=None) -> None:
+    import data
+    import spin
+
+    p = argparse.ArgumentParser(description="Sample one response per prompt from a model.")
+    p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
+    p.add_argument("--data", required=True, help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
+    p.add_argument("--split", default="train", help="data set split")
+    p.add_argument("--out", required=True, help="output .jsonl, one row per prompt")
+    p.add_argument("--max_samples", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept, from the left")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        rows = data.load_rows(args.data, args.split)[: args.max_samples]
+        tokenizer, model = spin.load_model(args.model)
+        prompts = [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in rows]
+    except (data.DataError, spin.UsageError) as e:
+        sys.exit(f"error: {e}")  # exit status 1 from sys.exit(str); use 2 as for bad flags
+    results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
+                       args.top_p, args.batch_size, args.seed, progress=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row, result in zip(rows, results):
+            f.write(json.dumps({"id": row["id"], "messages": row["messages"], "real": row["response"],
+                                "generated": result["text"], "generated_ids": result["generated_ids"],
+                                "ended": result["ended"]}) + "\n")
+    os.replace(tmp, args.out)  # the file appears whole or not at all
+    print(f"wrote {len(results)} responses to {args.out} "
+          f"({sum(r['ended'] for r in results)} ended with EOS, the rest hit --max_new_tokens)")
+
+
+if __name__ == "__main__":
+    main()
