@@ -35,7 +35,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     # Prompts of similar length share a batch: less padding. The order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results: list[dict] = [{}] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if progress else True)  # None: off when stderr is not a terminal
     for number, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in batch)

@@ -118,10 +118,32 @@ def validate(args) -> None:
             raise UsageError(message)
 
 
+def go_offline_if_hub_unreachable(*names: str) -> None:
+    """Without network, huggingface_hub retries each request for ~30 s before giving up. A 3 s probe
+    instead: when the Hub cannot be reached, switch to offline mode, so cached models still load
+    and anything else fails at once with the message of load_model or data.load_rows."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n == "toy" or Path(n).exists() for n in names):
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        print(f"note: {host} cannot be reached; using only locally cached models and data sets")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def load_model(name: str, attn_implementation: str | None = None):
     """(tokenizer, model) from 'toy', a local directory or a hub id; never runs remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
     if name == "toy":
         import toy
 
@@ -158,7 +180,7 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
     iteration, so this one pass replaces the reference model that DPO-style trainers keep in memory."""
     model.eval()
     size = args.per_device_train_batch_size
-    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch", disable=args.quiet):
+    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch", disable=True if args.quiet else None):
         batch = pairs[start:start + size]
         real, generated = pair_logps(model, batch, args)
         for p, r, g in zip(batch, real.tolist(), generated.tolist()):
@@ -183,7 +205,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
         return (total_steps - step) / (total_steps - warmup_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bar = tqdm(total=total_steps, desc=f"train iteration {iteration}", unit="step", disable=args.quiet)
+    bar = tqdm(total=total_steps, desc=f"train iteration {iteration}", unit="step", disable=True if args.quiet else None)
     history, step = [], 0
     for epoch in range(args.num_train_epochs):
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1000 * iteration + epoch))
@@ -252,6 +274,7 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # Model and data first: bad input fails before anything is written to the run directory.
+    go_offline_if_hub_unreachable(args.model, args.dataset)
     tokenizer, model = load_model(args.model, args.attn_implementation)
     args.pad_token_id = tokenizer.pad_token_id
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn)
@@ -284,11 +307,14 @@ def main(argv=None) -> None:
         # Algorithm 1, line 3: y' ~ p_θt(·|x), sampled from the frozen opponent (the model as it is now)
         samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
                                args.top_p, args.generation_batch_size, args.seed + 1_000_000 * t, progress=not args.quiet)
-        pairs = [{"id": r["id"], "iteration": t, "messages": r["messages"], "real": r["response"],
-                  "generated": s["text"], "ended": s["ended"], "prompt_ids": p,
+        # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
+        pairs = [{"id": r["id"], "iteration": t,
+                  "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
+                  "generated": r["messages"] + [{"role": "assistant", "content": s["text"]}],
+                  "ended": s["ended"], "prompt_ids": p,
                   "real_ids": data.encode_response(tokenizer, r["response"]), "generated_ids": s["generated_ids"]}
                  for r, s, p in zip(rows, samples, prompts)]
-        showcase["model"].append(pairs[0]["generated"])
+        showcase["model"].append(samples[0]["text"])
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
         opponent_logps(model, train_pairs, args)  # log p_θt of every pair, once for the iteration
