@@ -78,11 +78,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        spin.go_offline_if_hub_unreachable(args.model, args.data)
         rows = data.load_rows(args.data, args.split)[: args.max_samples]
         tokenizer, model = spin.load_model(args.model)
         prompts = [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in rows]
     except (data.DataError, spin.UsageError) as e:
-        sys.exit(f"error: {e}")  # exit status 1 from sys.exit(str); use 2 as for bad flags
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
                        args.top_p, args.batch_size, args.seed, progress=True)
     tmp = args.out + ".tmp"

@@ -1,0 +1,151 @@
+"""spin.py: Algorithm 1 end to end on the toy, the first-step identity, and the command line."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import generate
+import spin
+import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--dataset", "toy", "--max_samples", "200", "--per_device_train_batch_size", "32", "--num_train_epochs", "1",
+         "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48", "--max_prompt_length", "32",
+         "--max_new_tokens", "12", "--generation_batch_size", "200", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def two_iterations(small_sft_model, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    spin.main(["--model", str(small_sft_model), "--iters", "2", "--output_dir", str(run), *SMALL])
+    return run
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_each_iteration_saves_a_model_that_from_pretrained_loads(two_iterations, small_sft_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = AutoModelForCausalLM.from_pretrained(small_sft_model).state_dict()
+    previous = start
+    for t in range(2):
+        path = two_iterations / f"iter{t}" / "model"
+        assert (path / "model.safetensors").exists()
+        AutoTokenizer.from_pretrained(path)
+        weights = AutoModelForCausalLM.from_pretrained(path).state_dict()
+        assert any(not torch.equal(weights[k], previous[k]) for k in weights)  # it trained
+        previous = weights
+
+
+def test_synthetic_data_loads_with_datasets_and_as_a_spin_data_set(two_iterations):
+    import datasets
+
+    for t in range(2):
+        path = two_iterations / f"iter{t}" / "synthetic.jsonl"
+        rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        assert len(rows) == 200 and len(set(rows["id"])) == 200
+        assert set(rows["iteration"]) == {t}
+        again = data.load_rows(str(path))  # the official real/generated schema: usable as --dataset
+        assert [r["response"] for r in again] == [r[-1]["content"] for r in rows["real"]]
+
+
+def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_iterations):
+    metrics = read_jsonl(two_iterations / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0] * 7 + [1] * 13  # 200 pairs, then 200 + 200 (t−1 mixed in)
+    for first in (metrics[0], metrics[7]):
+        assert first["step"] == 0
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert abs(first["real_reward"]) < 1e-5 and abs(first["generated_reward"]) < 1e-5
+    assert all(set(m) >= {"loss", "margin", "reward_accuracy", "learning_rate", "grad_norm", "tokens_per_s"}
+               for m in metrics)
+    summary = read_jsonl(two_iterations / "iterations.jsonl")
+    assert [s["pairs"] for s in summary] == [200, 400]
+    assert all(0 <= s["tv_distance"] <= 1 and 0 <= s["accuracy"] <= 1 for s in summary)
+    config = json.loads((two_iterations / "config.json").read_text())
+    assert config["iters"] == 2 and config["beta"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(small_sft_model):
+    args = spin.parse_args(["--model", str(small_sft_model), *SMALL])
+    tokenizer, model = spin.load_model(args.model)
+    args.pad_token_id = tokenizer.pad_token_id
+    rows = toy.make_rows("train")[:64]
+    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, seed=0)
+    pairs = [{"prompt_ids": p, "real_ids": data.encode_response(tokenizer, r["response"]),
+              "generated_ids": s["generated_ids"]} for r, s, p in zip(rows, samples, prompts)]
+    spin.opponent_logps(model, pairs, args)
+    return args, model, pairs
+
+
+def test_policy_logps_at_theta_t_equal_the_stored_opponent_logps(toy_pairs):
+    args, model, pairs = toy_pairs
+    model.train()  # as in training, with other batch compositions than the opponent pass used
+    batch = pairs[::-3][:11]
+    real, generated = spin.pair_logps(model, batch, args)
+    assert real.tolist() == pytest.approx([p["opponent_real_logp"] for p in batch], abs=1e-4)
+    assert generated.tolist() == pytest.approx([p["opponent_generated_logp"] for p in batch], abs=1e-4)
+
+
+def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
+    args, model, pairs = toy_pairs
+    model = type(model).from_pretrained(args.model)  # a fresh copy: θ = θ_t
+    args.per_device_train_batch_size, args.warmup_ratio, args.num_train_epochs = len(pairs), 0.0, 1
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        history = spin.train(model, pairs, 1e-4, 0, args, f)
+    assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        real, generated = spin.pair_logps(model, pairs, args)
+    real_logratios = real - torch.tensor([p["opponent_real_logp"] for p in pairs])
+    generated_logratios = generated - torch.tensor([p["opponent_generated_logp"] for p in pairs])
+    assert (real_logratios - generated_logratios).mean().item() > 0.05
+
+
+def test_recipe_resolves_and_explicit_flags_override_it():
+    args = spin.parse_args(["--model", "zephyr-7b-sft-full"])
+    assert args.model == "alignment-handbook/zephyr-7b-sft-full" and args.recipe == "zephyr-7b-sft-full"
+    assert (args.beta, args.learning_rate, args.max_samples, args.iters) == (0.1, [5e-7, 5e-7, 1e-7, 1e-7], 50_000, 4)
+    args = spin.parse_args(["--model", "zephyr-7b-sft-full", "--beta", "0.5", "--learning_rate", "1e-6"])
+    assert (args.beta, args.learning_rate, args.num_train_epochs) == (0.5, [1e-6], 2)
+
+
+def run_cli(*flags, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "spin.py"), *flags], cwd=cwd, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}, timeout=120)
+
+
+def bad_file(tmp_path, record):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "response": "fine"}) + "\n" + json.dumps(record) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iters", "0"], "--iters"),
+    (["--beta", "-0.1"], "--beta"),
+    (["--beta", "0"], "--beta"),
+    (["--max_length", "32", "--max_prompt_length", "32"], "--max_length must exceed --max_prompt_length"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--dataset", "BAD:question"], "row 1: no 'messages', 'real' or 'prompt'+'response' column"),
+    (["--dataset", "BAD:empty"], "row 1: the human response is empty"),
+    (["--model", "no-such-org/no-such-model"], "--model no-such-org/no-such-model could not be loaded"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run(tmp_path, small_sft_model, flags, message):
+    records = {"BAD:question": {"question": "q", "answer": "a"}, "BAD:empty": {"prompt": "q", "response": ""}}
+    flags = [bad_file(tmp_path, records[f]) if f in records else f for f in flags]
+    run = tmp_path / "run"
+    defaults = ([] if "--model" in flags else ["--model", str(small_sft_model)]) + \
+        ([] if "--dataset" in flags else ["--dataset", "toy"])
+    result = run_cli(*defaults, *flags, "--output_dir", str(run))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not run.exists()
