@@ -271,6 +271,8 @@ def main(argv=None) -> None:
     run = Path(args.output_dir)
     if (run / "config.json").exists() and not args.overwrite_output_dir:
         raise UsageError(f"--output_dir {run} already holds a run; pass --overwrite_output_dir to replace it")
+    if run.exists() and any(run.iterdir()) and not (run / "config.json").exists():
+        raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # Model and data first: bad input fails before anything is written to the run directory.
@@ -298,6 +300,7 @@ def main(argv=None) -> None:
     evaluate = toy_evaluator(tokenizer, args) if args.dataset == "toy" else None
 
     summary = [{"iteration": "start", **(evaluate(model) if evaluate else {})}]
+    print_header()
     print_row(summary[-1])
     showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"], "model": []}
     previous: list[dict] = []
@@ -323,9 +326,9 @@ def main(argv=None) -> None:
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
         history = train(model, train_pairs, lr, t, args, metrics_file)  # θ_{t+1}; the model is now the policy
         save(model, tokenizer, run / f"iter{t}" / "model")
-        summary.append({"iteration": t, "pairs": len(train_pairs), "learning_rate": lr,
-                        "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                        "margin": history[-1]["margin"], "reward_accuracy": history[-1]["reward_accuracy"],
+        tail = history[-10:]  # the last 10 steps: one batch alone is noisy
+        summary.append({"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
+                        **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
                         "ended": sum(p["ended"] for p in pairs) / len(pairs),
                         **(evaluate(model) if evaluate else {}), "seconds": round(time.time() - started, 1)})
         with open(run / "iterations.jsonl", "a", encoding="utf-8") as f:
@@ -354,8 +357,12 @@ def toy_evaluator(tokenizer, args):
     return evaluate
 
 
-COLUMNS = ["iteration", "pairs", "first_loss", "last_loss", "margin", "reward_accuracy", "accuracy",
+COLUMNS = ["iteration", "pairs", "first_loss", "loss", "margin", "reward_accuracy", "accuracy",
            "tv_distance", "valid_mass", "seconds"]
+
+
+def print_header() -> None:
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
 
 
 def print_row(row: dict) -> None:
@@ -364,12 +371,12 @@ def print_row(row: dict) -> None:
 
 
 def print_summary(summary: list[dict], showcase: dict, run: Path) -> None:
-    print("\nSPIN, iteration by iteration (accuracy, tv_distance, valid_mass: held-out toy metrics)")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    print("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;"
+          "\naccuracy, tv_distance (to p_data), valid_mass: the toy's held-out prompts (see toy.evaluate).")
+    print_header()
     for row in summary:
         print_row(row)
-    print(f"\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
+    print("\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
     print(f"  prompt:  {showcase['prompt']!r}\n  human:   {showcase['human']!r}")
     for t, text in enumerate(showcase["model"]):
         who = "p_θ0 (start)" if t == 0 else f"p_θ{t} (after iteration {t - 1})"

@@ -16,7 +16,6 @@ on disk under a key of its settings. Nothing here downloads anything.
 """
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -192,4 +191,3 @@ if __name__ == "__main__":
     greedy = generate.generate(model, tokenizer, [data.render_prompt(tokenizer, r["messages"]) for r in rows],
                                max_new_tokens=16, do_sample=False)
     print(path, {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows, greedy).items()})
-    print("log 2 =", math.log(2))
