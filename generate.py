@@ -23,8 +23,14 @@ from tqdm import tqdm
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             progress: bool = False) -> list[dict]:
-    """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt."""
+             progress: bool = False, done: dict[int, dict] | None = None, on_batch=None) -> list[dict]:
+    """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
+
+    done: results already on disk by prompt index, from a run that was stopped; a batch whose
+    prompts are all done is skipped, any other batch is sampled again with its own seed, which
+    gives the same tokens. on_batch(indices, results) is called after each sampled batch.
+    """
+    done = done or {}
     from transformers import GenerationConfig
 
     model.eval()
@@ -38,6 +44,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if progress else True)  # None: off when stderr is not a terminal
     for number, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
+        if all(i in done for i in batch):
+            for i in batch:
+                results[i] = done[i]
+            bar.update(len(batch))
+            continue
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T) left-padded
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
@@ -53,6 +64,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
             new = new[: new.index(eos) + 1] if ended else new  # drop the padding after EOS
             results[i] = {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
                           "ended": ended}
+        if on_batch:
+            on_batch(batch, [results[i] for i in batch])
         bar.update(len(batch))
         bar.set_postfix(ended=f"{sum(results[i]['ended'] for i in batch) / len(batch):.0%}")
     bar.close()

@@ -6,17 +6,18 @@
         θ_{t+1} = argmin_θ L_SPIN(θ, θ_t)  on (x, y, y')         (train: loss.py, Eq. 4.7)
         θ_{t+1} is the next opponent
 
-    python spin.py                                          # the embedded toy, offline, ~3 min on 2 CPU cores
+    python spin.py                                          # the embedded toy, offline, ~2 min on 2 CPU cores
     python spin.py --model zephyr-7b-sft-full --iters 4     # the paper's recipe (GPUs)
     python spin.py --model PATH_OR_HUB_ID --dataset data.jsonl --output_dir runs/mine
 
-Run directory (--output_dir):
+Run directory (--output_dir); re-running the same command resumes it (see checkpoint.py):
     config.json                 the resolved configuration
-    metrics.jsonl               one line per optimizer step (all iterations)
-    iterations.jsonl            one line per iteration: losses, rewards, toy metrics, time
-    iter{t}/synthetic.jsonl     the prompts, real and generated responses of iteration t, with token ids
-                                and the opponent's log-probs
+    iterations.jsonl            one line per completed iteration: losses, rewards, toy metrics, time
+    iter{t}/synthetic.jsonl     iteration t's prompts with real and generated responses and their token ids
+    iter{t}/opponent_logps.jsonl   log p_θt of every training pair of iteration t
+    iter{t}/metrics.jsonl       one line per optimizer step
     iter{t}/model/              θ_{t+1}: save_pretrained model + tokenizer, the opponent of iteration t+1
+    iter{t}/complete.json       written last: iteration t is done
 """
 import argparse
 import json
@@ -31,14 +32,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import generate as gen
+import report
 from loss import sequence_logps, spin_loss
 from recipes import DEFAULTS, RECIPES
 
 
 class UsageError(ValueError):
     """A bad flag or model: shown as one line, exit status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: shown as one line, exit status 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--turn", choices=["first", "last"], default="first",
                    help="which assistant reply of a conversation is the human response (paper: first)")
     g.add_argument("--output_dir", help="the run directory (default: runs/<model name>)")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing run directory")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an existing run directory instead of resuming it")
+    g.add_argument("--save_steps", type=int, default=500, help="save the training state every N optimizer steps")
+    g.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with a hub model")
     g = p.add_argument_group("SPIN")
     g.add_argument("--iters", type=int, help="self-play iterations T (paper: 4)")
     g.add_argument("--beta", type=float, help="λ in the paper: the regularization of Eq. 4.7 (paper: 0.1)")
@@ -111,6 +121,7 @@ def validate(args) -> None:
         (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (args.generation_batch_size >= 1, "--generation_batch_size must be at least 1"),
         (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
+        (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
     ]
     for ok, message in checks:
@@ -138,8 +149,8 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def load_model(name: str, attn_implementation: str | None = None):
-    """(tokenizer, model) from 'toy', a local directory or a hub id; never runs remote code."""
+def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False):
+    """(tokenizer, model) from 'toy', a local directory or a hub id; safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -150,13 +161,20 @@ def load_model(name: str, attn_implementation: str | None = None):
         name = str(toy.sft_model_path())
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        where = "is not a model directory" if Path(name).exists() else "could not be loaded from the Hugging Face Hub"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--model {name} {where} ({first_line[:200]}); download it where there is network "
-                         f"(hf download {name} --local-dir DIR) and pass --model DIR") from None
+        if Path(name).exists():
+            raise UsageError(f"--model {name} is not a model directory with safetensors weights "
+                             f"({first_line[:200]})") from None
+        raise UsageError(f"--model {name} could not be loaded from the Hugging Face Hub ({first_line[:200]}); "
+                         f"download it where there is network (hf download {name} --local-dir DIR) "
+                         f"and pass --model DIR") from None
+    if not tokenizer.chat_template:
+        raise UsageError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
+                         f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so any id works
     return tokenizer, model
@@ -187,8 +205,9 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
             p["opponent_real_logp"], p["opponent_generated_logp"] = r, g
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, metrics_file) -> list[dict]:
-    """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent)."""
+def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path) -> list[dict]:
+    """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
+    Resumes from it/checkpoint when a stopped run left one there."""
     model.train()
     for module in model.modules():  # dropout would make log p_θ ≠ log p_θt at θ = θ_t
         if isinstance(module, torch.nn.Dropout):
@@ -205,11 +224,23 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
         return (total_steps - step) / (total_steps - warmup_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bar = tqdm(total=total_steps, desc=f"train iteration {iteration}", unit="step", disable=True if args.quiet else None)
-    history, step = [], 0
+    state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
+    first_step = 0  # nothing saved: the iteration starts from θ_t, the weights the model has now
+    if state.exists() or state.with_name("checkpoint.old").exists():
+        first_step = checkpoint.load_training_state(state, model, optimizer, scheduler)
+        print(f"iteration {iteration}: resuming training at step {first_step} of {total_steps} from {state}")
+    history = [m for m in checkpoint.read_jsonl(metrics_path) if m["step"] < first_step]
+    checkpoint.write_jsonl(metrics_path, history)  # steps logged after the checkpoint are redone
+    bar = tqdm(total=total_steps, initial=first_step, desc=f"train iteration {iteration}", unit="step",
+               disable=True if args.quiet else None)
+    step, saved_step = 0, first_step
     for epoch in range(args.num_train_epochs):
+        # The data order is a function of (seed, iteration, epoch): a resumed run sees the same batches.
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1000 * iteration + epoch))
         for start in range(0, len(pairs), batch_size):
+            if step < first_step:
+                step += 1
+                continue
             started = time.time()
             step_pairs = [pairs[i] for i in order[start:start + batch_size]]
             totals = dict(loss=0.0, real_reward=0.0, generated_reward=0.0, reward_accuracy=0.0)
@@ -229,6 +260,13 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
                 totals["reward_accuracy"] += (real_rewards > generated_rewards).float().sum().item()
                 tokens += sum(len(p["prompt_ids"]) * 2 + len(p["real_ids"]) + len(p["generated_ids"]) for p in batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+                kept = (f"the training state saved at step {saved_step} is kept in {state} and a re-run resumes from it"
+                        if saved_step else "no training state was saved yet: a re-run restarts the iteration")
+                raise TrainingDiverged(
+                    f"iteration {iteration}, step {step}: non-finite loss {totals['loss'] / len(step_pairs)} or "
+                    f"gradient norm {grad_norm}; stopped without applying the step; {kept} (or lower "
+                    f"--learning_rate and pass --overwrite_output_dir to start over)")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -237,47 +275,85 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
             record["margin"] = record["real_reward"] - record["generated_reward"]
             record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm,
                           tokens_per_s=tokens / (time.time() - started))
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            checkpoint.append_jsonl(metrics_path, [record])
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
                             acc=f"{record['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
             step += 1
+            if step % args.save_steps == 0 and step < total_steps:
+                checkpoint.save_training_state(state, model, optimizer, scheduler, step)
+                saved_step = step
     bar.close()
     return history
 
 
-def save(model, tokenizer, path: Path) -> None:
-    """save_pretrained into a temporary directory, then rename: a model directory is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], t: int, args, it: Path) -> list[dict]:
+    """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y'). Batches are
+    appended to generated.partial.jsonl as they finish, so a stopped run continues where it was."""
+    final, partial = it / "synthetic.jsonl", it / "generated.partial.jsonl"
+    if final.exists():
+        pairs = checkpoint.read_jsonl(final)
+        print(f"iteration {t}: reusing the {len(pairs)} generated responses in {final}")
+        return pairs
+    index_of = {r["id"]: i for i, r in enumerate(rows)}
+    found = checkpoint.read_jsonl(partial)
+    checkpoint.write_jsonl(partial, found)  # drop a line torn by a kill before appending to the file
+    done = {index_of[d.pop("id")]: d for d in found}
+    if done:
+        print(f"iteration {t}: found {len(done)} of {len(rows)} generated responses in {partial}; sampling the rest")
+
+    def on_batch(indices, results):
+        checkpoint.append_jsonl(partial, [{"id": rows[i]["id"], **r} for i, r in zip(indices, results) if i not in done])
+
+    samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
+                           args.top_p, args.generation_batch_size, args.seed + 1_000_000 * t,
+                           progress=not args.quiet, done=done, on_batch=on_batch)
+    # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
+    pairs = [{"id": r["id"], "iteration": t,
+              "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
+              "generated": r["messages"] + [{"role": "assistant", "content": s["text"]}],
+              "ended": s["ended"], "prompt_ids": p,
+              "real_ids": data.encode_response(tokenizer, r["response"]), "generated_ids": s["generated_ids"]}
+             for r, s, p in zip(rows, samples, prompts)]
+    checkpoint.write_jsonl(final, pairs)
+    partial.unlink()
+    return pairs
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path) -> None:
+    """log p_θt of every training pair, from the file of a stopped run or computed now and saved."""
+    path = it / "opponent_logps.jsonl"
+    keys = [(p["iteration"], p["id"]) for p in train_pairs]
+    saved = checkpoint.read_jsonl(path)
+    if [(s["iteration"], s["id"]) for s in saved] == keys:
+        print(f"iteration {t}: reusing the opponent log-probs in {path}")
+    else:
+        opponent_logps(model, train_pairs, args)  # log p_θt of every pair, once for the iteration
+        saved = [{"iteration": p["iteration"], "id": p["id"], "opponent_real_logp": p["opponent_real_logp"],
+                  "opponent_generated_logp": p["opponent_generated_logp"]} for p in train_pairs]
+        checkpoint.write_jsonl(path, saved)
+    for p, s in zip(train_pairs, saved):
+        p["opponent_real_logp"], p["opponent_generated_logp"] = s["opponent_real_logp"], s["opponent_generated_logp"]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     run = Path(args.output_dir)
-    if (run / "config.json").exists() and not args.overwrite_output_dir:
-        raise UsageError(f"--output_dir {run} already holds a run; pass --overwrite_output_dir to replace it")
-    if run.exists() and any(run.iterdir()) and not (run / "config.json").exists():
+    config = dict(vars(args))
+    resuming = (run / "config.json").exists() and not args.overwrite_output_dir
+    if resuming:
+        try:
+            checkpoint.check_config(run, config)
+        except checkpoint.ConfigMismatch as e:
+            raise UsageError(str(e)) from None
+    elif run.exists() and any(run.iterdir()) and not (run / "config.json").exists():
         raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # Model and data first: bad input fails before anything is written to the run directory.
     go_offline_if_hub_unreachable(args.model, args.dataset)
-    tokenizer, model = load_model(args.model, args.attn_implementation)
+    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code)
     args.pad_token_id = tokenizer.pad_token_id
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn)
     if args.max_samples and args.max_samples < len(rows):
@@ -288,100 +364,60 @@ def main(argv=None) -> None:
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left")
 
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    config = {k: v for k, v in vars(args).items()}
-    (run / "config.json").write_text(json.dumps(config, indent=1))
+    if not resuming:
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        checkpoint.write_atomic(run / "config.json", json.dumps(config, indent=1))
     print("SPIN configuration:", json.dumps(config))
+    completed = 0
+    while (run / f"iter{completed}" / "complete.json").exists():
+        checkpoint.clean(run / f"iter{completed}")
+        completed += 1
+    if completed:
+        print(f"resuming {run}: iterations 0..{completed - 1} are complete; continuing from iter{completed - 1}/model")
+        _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    evaluate = toy_evaluator(tokenizer, args) if args.dataset == "toy" else None
+    evaluate = report.toy_evaluator(tokenizer, args) if args.dataset == "toy" else None
 
-    summary = [{"iteration": "start", **(evaluate(model) if evaluate else {})}]
-    print_header()
-    print_row(summary[-1])
-    showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"], "model": []}
-    previous: list[dict] = []
-    metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
-    for t in range(args.iters):
+    if not (run / "start.json").exists():
+        checkpoint.write_atomic(run / "start.json", json.dumps(
+            {"iteration": "start", **(evaluate(model) if evaluate and not completed else {})}))
+    report.print_header()
+    for path in [run / "start.json"] + [run / f"iter{t}" / "complete.json" for t in range(completed)]:
+        report.print_row(json.loads(path.read_text()))
+    previous = checkpoint.read_jsonl(run / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
+    for t in range(completed, args.iters):
+        it = run / f"iter{t}"
+        it.mkdir(exist_ok=True)
         started = time.time()
-        # Algorithm 1, line 3: y' ~ p_θt(·|x), sampled from the frozen opponent (the model as it is now)
-        samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
-                               args.top_p, args.generation_batch_size, args.seed + 1_000_000 * t, progress=not args.quiet)
-        # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
-        pairs = [{"id": r["id"], "iteration": t,
-                  "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
-                  "generated": r["messages"] + [{"role": "assistant", "content": s["text"]}],
-                  "ended": s["ended"], "prompt_ids": p,
-                  "real_ids": data.encode_response(tokenizer, r["response"]), "generated_ids": s["generated_ids"]}
-                 for r, s, p in zip(rows, samples, prompts)]
-        showcase["model"].append(samples[0]["text"])
+        pairs = sample_pairs(model, tokenizer, rows, prompts, t, args, it)  # y' ~ p_θt, the frozen opponent
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
-        opponent_logps(model, train_pairs, args)  # log p_θt of every pair, once for the iteration
-        (run / f"iter{t}").mkdir(exist_ok=True)
-        write_jsonl(run / f"iter{t}" / "synthetic.jsonl", pairs)
+        attach_opponent_logps(model, train_pairs, t, args, it)
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history = train(model, train_pairs, lr, t, args, metrics_file)  # θ_{t+1}; the model is now the policy
-        save(model, tokenizer, run / f"iter{t}" / "model")
+        history = train(model, train_pairs, lr, t, args, it)  # θ_{t+1}; the model is now the policy
+        checkpoint.save_model(model, tokenizer, it / "model")
         tail = history[-10:]  # the last 10 steps: one batch alone is noisy
-        summary.append({"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
-                        **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
-                        "ended": sum(p["ended"] for p in pairs) / len(pairs),
-                        **(evaluate(model) if evaluate else {}), "seconds": round(time.time() - started, 1)})
-        with open(run / "iterations.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(summary[-1]) + "\n")
-        print_row(summary[-1])
+        [after] = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy, args.temperature,
+                               args.top_p, 1, args.seed + 1_000_000 * (t + 1))
+        row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
+               **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
+               "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model) if evaluate else {}),
+               "seconds": round(time.time() - started, 1),
+               "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
+        checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
+        checkpoint.clean(it)
+        report.print_row(row)
         previous = pairs
-    metrics_file.close()
-    final = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy, args.temperature,
-                         args.top_p, 1, args.seed + 1_000_000 * args.iters)
-    showcase["model"].append(final[0]["text"])
-    print_summary(summary, showcase, run)
-
-
-def toy_evaluator(tokenizer, args):
-    """Held-out metrics of the toy (accuracy, exact distance to p_data): see toy.evaluate."""
-    import toy
-
-    test_rows = toy.make_rows("test")
-    test_prompts = [data.render_prompt(tokenizer, r["messages"]) for r in test_rows]
-
-    def evaluate(model) -> dict:
-        greedy = gen.generate(model, tokenizer, test_prompts, args.max_new_tokens, do_sample=False,
-                              batch_size=args.generation_batch_size)
-        return toy.evaluate(model, tokenizer, test_rows, greedy)
-
-    return evaluate
-
-
-COLUMNS = ["iteration", "pairs", "first_loss", "loss", "margin", "reward_accuracy", "accuracy",
-           "tv_distance", "valid_mass", "seconds"]
-
-
-def print_header() -> None:
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
-
-
-def print_row(row: dict) -> None:
-    cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and c != "seconds" else str(row.get(c, "")) for c in COLUMNS]
-    print("| " + " | ".join(cells) + " |", flush=True)
-
-
-def print_summary(summary: list[dict], showcase: dict, run: Path) -> None:
-    print("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;"
-          "\naccuracy, tv_distance (to p_data), valid_mass: the toy's held-out prompts (see toy.evaluate).")
-    print_header()
-    for row in summary:
-        print_row(row)
-    print("\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
-    print(f"  prompt:  {showcase['prompt']!r}\n  human:   {showcase['human']!r}")
-    for t, text in enumerate(showcase["model"]):
-        who = "p_θ0 (start)" if t == 0 else f"p_θ{t} (after iteration {t - 1})"
-        print(f"  {who:<26} {text!r}")
-    print(f"\nrun directory: {run}  (config.json, metrics.jsonl, iterations.jsonl, iter*/synthetic.jsonl, iter*/model)")
+    summary = [json.loads((run / "start.json").read_text())] + \
+        [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(args.iters)]
+    checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
+    showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
+                "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
+    report.print_summary(summary, showcase, run)
 
 
 if __name__ == "__main__":
@@ -390,3 +426,6 @@ if __name__ == "__main__":
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

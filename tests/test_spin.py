@@ -57,7 +57,7 @@ def test_synthetic_data_loads_with_datasets_and_as_a_spin_data_set(two_iteration
 
 
 def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_iterations):
-    metrics = read_jsonl(two_iterations / "metrics.jsonl")
+    metrics = read_jsonl(two_iterations / "iter0" / "metrics.jsonl") + read_jsonl(two_iterations / "iter1" / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0] * 7 + [1] * 13  # 200 pairs, then 200 + 200 (t−1 mixed in)
     for first in (metrics[0], metrics[7]):
         assert first["step"] == 0
@@ -99,8 +99,7 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     args, model, pairs = toy_pairs
     model = type(model).from_pretrained(args.model)  # a fresh copy: θ = θ_t
     args.per_device_train_batch_size, args.warmup_ratio, args.num_train_epochs = len(pairs), 0.0, 1
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        history = spin.train(model, pairs, 1e-4, 0, args, f)
+    history = spin.train(model, pairs, 1e-4, 0, args, tmp_path)
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         real, generated = spin.pair_logps(model, pairs, args)

@@ -1,0 +1,132 @@
+"""The run directory is the state of a SPIN run: re-running the same command resumes it.
+
+Not part of the paper: what makes Algorithm 1 survive a killed job. Every file that marks
+progress is written whole or not at all (write to a temporary name, fsync, rename); an iteration
+is complete only when its marker `iter{t}/complete.json` exists, and that is written last.
+
+    iter{t}/generated.partial.jsonl   sampled responses, appended one generation batch at a time
+    iter{t}/synthetic.jsonl           all of iteration t's pairs, once generation is complete
+    iter{t}/opponent_logps.jsonl      log p_θt of every training pair, once the pass is complete
+    iter{t}/checkpoint/               training state every --save_steps: model, optimizer,
+                                      scheduler, step, RNG (the data order is a function of the step)
+    iter{t}/model/                    θ_{t+1}
+    iter{t}/complete.json             the iteration's summary row: written last
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# Settings that do not change what a run computes: a re-run may differ in these and still resume.
+# `iters` is here so that a finished run can be continued for more iterations.
+NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
+               "attn_implementation"}
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append whole lines and fsync; a kill can tear at most the last line (read_jsonl drops it)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file; a torn last line (no newline) from a kill is ignored."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # whatever follows the last newline is incomplete
+    return [json.loads(line) for line in lines if line]
+
+
+def check_config(run: Path, config: dict) -> None:
+    """Refuse to mix results of different configurations in one run directory."""
+    recorded = json.loads((run / "config.json").read_text())
+    for key in sorted(set(recorded) | set(config)):
+        if key not in NOT_RESULTS and recorded.get(key) != config.get(key):
+            raise ConfigMismatch(
+                f"--output_dir {run} was run with {key}={recorded.get(key)!r}, now {key}={config.get(key)!r}; "
+                f"use the same setting to resume, or pass --overwrite_output_dir to start over")
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    """save_pretrained into a temporary directory, then rename: a model directory is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+
+
+def clean(it: Path) -> None:
+    """Remove what a complete iteration no longer needs (also what a kill right after its marker left)."""
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model.tmp"):
+        shutil.rmtree(it / name, ignore_errors=True)
+    for name in ("generated.partial.jsonl", "synthetic.jsonl.tmp", "opponent_logps.jsonl.tmp"):
+        (it / name).unlink(missing_ok=True)
+
+
+def save_training_state(path: Path, model, optimizer, scheduler, step: int) -> None:
+    """Everything training needs to continue at `step` exactly as if it had not stopped."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, None, tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    with open(tmp / "state.pt", "rb") as f:
+        os.fsync(f.fileno())
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)  # never a moment without one whole checkpoint on disk
+    tmp.rename(path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(path: Path, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint saved by save_training_state; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    if not (path / "state.pt").exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # killed between the two renames
+    model.load_state_dict(load_file(path / "model" / "model.safetensors"), strict=False)
+    state = torch.load(path / "state.pt", weights_only=True)  # tensors and numbers only: nothing unpickled
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]

@@ -1,0 +1,112 @@
+"""Reliability: a run killed with SIGKILL anywhere resumes to the same result; bad states are refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
+       "OMP_NUM_THREADS": "1"}  # one thread: the float sums are the same from run to run
+
+
+def command(model, run, *extra):
+    return [sys.executable, str(ROOT / "spin.py"), "--model", str(model), "--dataset", "toy", "--max_samples", "240",
+            "--iters", "2", "--generation_batch_size", "8", "--per_device_train_batch_size", "8", "--save_steps", "4",
+            "--num_train_epochs", "1", "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48",
+            "--max_prompt_length", "32", "--max_new_tokens", "12", "--quiet", "--output_dir", str(run), *extra]
+
+
+def run_to_end(model, run, *extra):
+    result = subprocess.run(command(model, run, *extra), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def kill_when(model, run, ready, timeout=240):
+    """Start a run, SIGKILL it as soon as ready(run) holds; return whether the kill landed before it ended."""
+    process = subprocess.Popen(command(model, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if ready(run):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    return False
+
+
+def lines(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+KILL_POINTS = {  # where the kill lands, as seen from the run directory
+    "during generation": lambda run: lines(run / "iter0" / "generated.partial.jsonl") >= 3,
+    "during the opponent log-prob pass": lambda run: (run / "iter1" / "synthetic.jsonl").exists()
+    and not (run / "iter1" / "opponent_logps.jsonl").exists(),
+    "mid-training": lambda run: (run / "iter0" / "checkpoint").exists(),
+    "between iterations": lambda run: (run / "iter0" / "complete.json").exists(),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(small_sft_model, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(small_sft_model, run)
+    return run
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, reference, tmp_path, point):
+    run = tmp_path / "run"
+    assert kill_when(small_sft_model, run, KILL_POINTS[point]), f"the run ended before the kill point: {point}"
+    assert not (run / "iter1" / "complete.json").exists()
+    stdout = run_to_end(small_sft_model, run)  # the same command again
+    if point == "during generation":
+        assert "generated responses in" in stdout and "sampling the rest" in stdout
+    if point == "mid-training":
+        assert "resuming training at step" in stdout and "reusing the opponent log-probs" in stdout
+    for t in range(2):
+        rows = [json.loads(line) for line in (run / f"iter{t}" / "synthetic.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 240  # each once
+        assert (run / f"iter{t}" / "synthetic.jsonl").read_text() == (reference / f"iter{t}" / "synthetic.jsonl").read_text()
+        assert [json.loads(line)["step"] for line in (run / f"iter{t}" / "metrics.jsonl").read_text().splitlines()] \
+            == list(range(30 if t == 0 else 60))  # no step logged twice, none lost
+        assert not (run / f"iter{t}" / "generated.partial.jsonl").exists() and not (run / f"iter{t}" / "checkpoint").exists()
+    # CPU, one thread, the same batches in the same order: the weights are bit-for-bit equal.
+    weights = load_file(run / "iter1" / "model" / "model.safetensors")
+    expected = load_file(reference / "iter1" / "model" / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    assert all((weights[k] == expected[k]).all() for k in weights)
+
+
+def test_a_complete_run_is_not_redone_and_can_be_extended(small_sft_model, reference, tmp_path):
+    stdout = run_to_end(small_sft_model, reference)
+    assert "iterations 0..1 are complete" in stdout
+    assert len((reference / "iterations.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_different_setting_is_refused_by_name(small_sft_model, reference):
+    before = sorted(p.name for p in reference.rglob("*"))
+    result = subprocess.run(command(small_sft_model, reference, "--beta", "0.5"), env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "beta=1.0, now beta=0.5" in result.stderr
+    assert sorted(p.name for p in reference.rglob("*")) == before
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_marks_nothing_complete(small_sft_model, tmp_path):
+    run = tmp_path / "run"
+    cmd = command(small_sft_model, run)
+    cmd[cmd.index("--learning_rate") + 1] = "100"  # RMSProp at lr 100 blows the tiny model up at step 1
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "non-finite loss" in result.stderr
+    assert "iteration 0, step 1" in result.stderr and "a re-run restarts the iteration" in result.stderr
+    assert not (run / "iter0" / "complete.json").exists() and not (run / "iter0" / "model").exists()
