@@ -48,8 +48,13 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: shown as one line, exit status 1."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # Flags default to None so that we can tell "given" from "not given": a recipe fills the rest.
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="toy", help=f"recipe ({', '.join(RECIPES)}), model directory or hub id")
@@ -221,7 +226,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     def schedule(step: int) -> float:  # linear warmup, then linear decay; no step runs at lr 0
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return (total_steps - step) / (total_steps - warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
@@ -420,12 +425,18 @@ def main(argv=None) -> None:
     report.print_summary(summary, showcase, run)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with bad input turned into one line on stderr and an exit status: 2 for bad input."""
     try:
-        main()
+        main(argv)
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,8 +1,6 @@
 """spin.py: Algorithm 1 end to end on the toy, the first-step identity, and the command line."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,37 +112,3 @@ def test_recipe_resolves_and_explicit_flags_override_it():
     assert (args.beta, args.learning_rate, args.max_samples, args.iters) == (0.1, [5e-7, 5e-7, 1e-7, 1e-7], 50_000, 4)
     args = spin.parse_args(["--model", "zephyr-7b-sft-full", "--beta", "0.5", "--learning_rate", "1e-6"])
     assert (args.beta, args.learning_rate, args.num_train_epochs) == (0.5, [1e-6], 2)
-
-
-def run_cli(*flags, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "spin.py"), *flags], cwd=cwd, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}, timeout=120)
-
-
-def bad_file(tmp_path, record):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "fine", "response": "fine"}) + "\n" + json.dumps(record) + "\n")
-    return str(path)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--iters", "0"], "--iters"),
-    (["--beta", "-0.1"], "--beta"),
-    (["--beta", "0"], "--beta"),
-    (["--max_length", "32", "--max_prompt_length", "32"], "--max_length must exceed --max_prompt_length"),
-    (["--learning_rate", "0"], "--learning_rate"),
-    (["--dataset", "BAD:question"], "row 1: no 'messages', 'real' or 'prompt'+'response' column"),
-    (["--dataset", "BAD:empty"], "row 1: the human response is empty"),
-    (["--model", "no-such-org/no-such-model"], "--model no-such-org/no-such-model could not be loaded"),
-])
-def test_bad_input_is_one_line_exit_2_and_leaves_no_run(tmp_path, small_sft_model, flags, message):
-    records = {"BAD:question": {"question": "q", "answer": "a"}, "BAD:empty": {"prompt": "q", "response": ""}}
-    flags = [bad_file(tmp_path, records[f]) if f in records else f for f in flags]
-    run = tmp_path / "run"
-    defaults = ([] if "--model" in flags else ["--model", str(small_sft_model)]) + \
-        ([] if "--dataset" in flags else ["--dataset", "toy"])
-    result = run_cli(*defaults, *flags, "--output_dir", str(run))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert not run.exists()

@@ -1,0 +1,144 @@
+"""Bad input: one line naming the row or flag, exit status 2, and no run directory left behind."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import spin
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"prompt": "1+2", "response": "3"}
+BAD_ROWS = {  # row 1 of a two-row .jsonl file (row 0 is GOOD)
+    "missing column": ({"question": "q", "answer": "a"}, "row 1: no 'messages', 'real' or 'prompt'+'response' column"),
+    "mistyped column": ({"messages": "1+2 is 3"}, "row 1: messages must be a list"),
+    "empty response": ({"prompt": "q", "response": ""}, "row 1: the human response is empty"),
+    "whitespace response": ({"prompt": "q", "response": " \n\t"}, "row 1: the human response is empty"),
+    "non-string content": ({"prompt": ["q"], "response": "a"}, "row 1: user content is not a string"),
+    "assistant first": ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+                        "row 1: roles must alternate"),
+    "two user turns": ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "a"}]}, "row 1: roles must alternate"),
+    "unknown role": ({"messages": [{"role": "bot", "content": "a"}]}, "row 1: unknown role 'bot'"),
+    "no assistant reply": ({"messages": [{"role": "user", "content": "q"}]}, "row 1: no assistant message"),
+    "official schema, bad real": ({"real": [{"role": "user", "content": "q"}], "generated": []},
+                                  "row 1: no assistant message"),
+}
+
+
+def write_rows(path, second):
+    path.write_text(json.dumps(GOOD) + "\n" + (second if isinstance(second, str) else json.dumps(second)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path, small_sft_model):
+    """Broken files and model directories, made on the spot."""
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(small_sft_model, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    no_template = tmp_path / "no-template"
+    shutil.copytree(small_sft_model, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "data.csv").write_text("prompt,response\nq,a\n")
+    (tmp_path / "object.json").write_text(json.dumps(GOOD))
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "notes.txt").write_text("mine")
+    return {"no_weights": str(no_weights), "no_template": str(no_template), "dir": tmp_path,
+            "torn": write_rows(tmp_path / "torn.jsonl", '{"prompt": "q", "resp')}
+
+
+FLAG_CASES = {  # name: (flags, what the message must contain)
+    "--iters 0": (["--iters", "0"], "--iters must be at least 1"),
+    "--iters abc": (["--iters", "abc"], "argument --iters: invalid int value"),
+    "--beta 0": (["--beta", "0"], "--beta (λ) must be positive"),
+    "--beta -1": (["--beta", "-1"], "--beta (λ) must be positive"),
+    "--learning_rate -1": (["--learning_rate", "1e-5", "-1"], "--learning_rate values must be positive"),
+    "no room for a response": (["--max_length", "32", "--max_prompt_length", "32"],
+                               "--max_length must exceed --max_prompt_length"),
+    "--warmup_ratio 1": (["--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1)"),
+    "--temperature 0": (["--temperature", "0"], "use --greedy"),
+    "--top_p 1.5": (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    "--max_samples 0": (["--max_samples", "0"], "--max_samples must be at least 1"),
+    "unknown flag": (["--learning-rate", "1e-5"], "unrecognized arguments: --learning-rate"),
+    "unknown loss": (["--loss_type", "sigmoid"], "argument --loss_type: invalid choice"),
+    "model without dataset": (["--model", "{no_weights}", "--dataset", None], "--dataset is required with --model"),
+    "model without weights": (["--model", "{no_weights}"], "is not a model directory with safetensors weights"),
+    "tokenizer without chat template": (["--model", "{no_template}"], "its tokenizer has no chat template"),
+    "unreachable hub model": (["--model", "nobody-here/no-model"], "--model nobody-here/no-model could not be loaded "
+                                                                    "from the Hugging Face Hub"),
+    "unreachable hub data set": (["--dataset", "nobody-here/no-data"], "--dataset nobody-here/no-data: not a local "
+                                                                        "file and could not be loaded"),
+    "empty data set": (["--dataset", "{dir}/empty.jsonl"], "the data set has no rows"),
+    "unsupported file type": (["--dataset", "{dir}/data.csv"], "unsupported file type"),
+    "json that is not a list": (["--dataset", "{dir}/object.json"], "expected a JSON list of rows"),
+    "torn jsonl line": (["--dataset", "{torn}"], "line 2 is not valid JSON"),
+    "output_dir that is not a run": (["--output_dir", "{dir}/not-a-run"], "is a non-empty directory that is not a SPIN run"),
+}
+
+
+def resolve(flags, files, small_sft_model, run):
+    out = []
+    for flag in flags:
+        out.append(None if flag is None else flag.format(**files))
+    defaults = {"--model": str(small_sft_model), "--dataset": "toy", "--output_dir": str(run), "--quiet": None}
+    for key, value in defaults.items():
+        if key not in out:
+            out += [key] + ([value] if value is not None else [])
+    while None in out:  # a flag given as None is left out on purpose
+        del out[out.index(None) - 1: out.index(None) + 1]
+    return out
+
+
+def check(code, err, message, run):
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], err
+    assert not run.exists()  # nothing written that could look like a run
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_rows(tmp_path, small_sft_model, capsys, case):
+    record, message = BAD_ROWS[case]
+    run = tmp_path / "run"
+    argv = ["--model", str(small_sft_model), "--dataset", write_rows(tmp_path / "data.jsonl", record),
+            "--output_dir", str(run), "--quiet"]
+    code = spin.cli(argv)
+    check(code, capsys.readouterr().err, message, run)
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_bad_flags_models_and_files(tmp_path, small_sft_model, files, capsys, case):
+    flags, message = FLAG_CASES[case]
+    run = tmp_path / "run"
+    argv = resolve(flags, files, small_sft_model, run)
+    try:
+        code = spin.cli(argv)
+    except SystemExit as e:  # argparse exits by itself
+        code = e.code
+    check(code, capsys.readouterr().err, message, run)
+    if case == "output_dir that is not a run":
+        assert [p.name for p in (files["dir"] / "not-a-run").iterdir()] == ["notes.txt"]
+
+
+def test_the_process_exit_status_is_2(tmp_path, small_sft_model):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "spin.py"), "--model", str(small_sft_model), "--dataset",
+                             write_rows(tmp_path / "d.jsonl", {"prompt": "q", "response": ""}), "--output_dir", str(run)],
+                            capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    check(result.returncode, result.stderr, "row 1: the human response is empty", run)
+
+
+def test_long_prompts_are_cut_and_counted_not_silently(tmp_path, small_sft_model, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "7" * n, "response": "7"}) for n in (2, 40, 3, 50)) + "\n")
+    code = spin.cli(["--model", str(small_sft_model), "--dataset", str(path), "--output_dir", str(tmp_path / "run"),
+                     "--iters", "1", "--max_prompt_length", "30", "--max_length", "40", "--max_new_tokens", "4",
+                     "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--quiet"])
+    assert code == 0
+    assert "4 prompts from" in (out := capsys.readouterr().out)
+    assert "2 prompts longer than --max_prompt_length 30 were cut from the left" in out
