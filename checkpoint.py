@@ -4,7 +4,7 @@ Not part of the paper: what makes Algorithm 1 survive a killed job. Every file t
 progress is written whole or not at all (write to a temporary name, fsync, rename); an iteration
 is complete only when its marker `iter{t}/complete.json` exists, and that is written last.
 
-    iter{t}/generated.partial.jsonl   sampled responses, appended one generation batch at a time
+    iter{t}/generated.rank{r}.jsonl   rank r's sampled responses, appended one generation batch at a time
     iter{t}/synthetic.jsonl           all of iteration t's pairs, once generation is complete
     iter{t}/opponent_logps.jsonl      log p_θt of every training pair, once the pass is complete
     iter{t}/checkpoint/               training state every --save_steps: model, optimizer,
@@ -22,7 +22,7 @@ import torch
 # Settings that do not change what a run computes: a re-run may differ in these and still resume.
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
-               "attn_implementation"}
+               "attn_implementation", "rank", "local_rank"}
 
 
 class ConfigMismatch(ValueError):
@@ -78,11 +78,11 @@ def check_config(run: Path, config: dict) -> None:
                 f"use the same setting to resume, or pass --overwrite_output_dir to start over")
 
 
-def save_model(model, tokenizer, path: Path) -> None:
+def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
     """save_pretrained into a temporary directory, then rename: a model directory is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
+    model.save_pretrained(tmp, state_dict=state_dict)  # safetensors
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for file in tmp.iterdir():
@@ -97,8 +97,8 @@ def clean(it: Path) -> None:
     """Remove what a complete iteration no longer needs (also what a kill right after its marker left)."""
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model.tmp"):
         shutil.rmtree(it / name, ignore_errors=True)
-    for name in ("generated.partial.jsonl", "synthetic.jsonl.tmp", "opponent_logps.jsonl.tmp"):
-        (it / name).unlink(missing_ok=True)
+    for path in [*it.glob("generated.rank*.jsonl"), *it.glob("*.jsonl.tmp")]:
+        path.unlink(missing_ok=True)
 
 
 def save_training_state(path: Path, model, optimizer, scheduler, step: int) -> None:

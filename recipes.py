@@ -25,6 +25,7 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     generation_batch_size=64,
     bf16=False,
     gradient_checkpointing=False,
+    deepspeed=None,
 )
 
 RECIPES = {
@@ -49,6 +50,7 @@ RECIPES = {
         generation_batch_size=64,
         bf16=True,
         gradient_checkpointing=True,
+        deepspeed="configs/ds_zero3.json",  # ZeRO-3 over all visible GPUs, as the paper
     ),
     # The embedded toy (toy.py): `python spin.py` runs it offline on a laptop CPU in minutes.
     "toy": dict(

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import distributed
 import generate as gen
 import report
 from loss import sequence_logps, spin_loss
@@ -94,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
+    g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
+    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -104,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.recipe = args.model if recipe else None
     args.model = recipe.get("model", args.model)
     args.output_dir = args.output_dir or os.path.join("runs", Path(args.model).name or "model")
+    args.rank, args.world_size = distributed.world()
     validate(args)
     return args
 
@@ -128,10 +132,21 @@ def validate(args) -> None:
         (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
+        (args.deepspeed is None or Path(args.deepspeed).is_file(), f"--deepspeed {args.deepspeed}: no such file"),
+        (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
+         "--attn_implementation must be eager, sdpa or flash_attention_2"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if args.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation); or use sdpa")
 
 
 def go_offline_if_hub_unreachable(*names: str) -> None:
@@ -154,7 +169,8 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
-def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False):
+def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32):
     """(tokenizer, model) from 'toy', a local directory or a hub id; safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -167,7 +183,7 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -210,15 +226,18 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
             p["opponent_real_logp"], p["opponent_generated_logp"] = r, g
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path) -> list[dict]:
+def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path):
     """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
-    Resumes from it/checkpoint when a stopped run left one there."""
+    Returns (per-step metrics, the DeepSpeed engine or None). Resumes from it/checkpoint when a
+    stopped run left one there."""
     model.train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
     for module in model.modules():  # dropout would make log p_θ ≠ log p_θt at θ = θ_t
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)  # paper §5.1
-    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps  # pairs per step
+    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # global
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = steps_per_epoch * args.num_train_epochs
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
@@ -229,13 +248,16 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine = distributed.wrap(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
+    policy = engine or model
     state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
     first_step = 0  # nothing saved: the iteration starts from θ_t, the weights the model has now
-    if state.exists() or state.with_name("checkpoint.old").exists():
+    if engine is None and (state.exists() or state.with_name("checkpoint.old").exists()):
         first_step = checkpoint.load_training_state(state, model, optimizer, scheduler)
         print(f"iteration {iteration}: resuming training at step {first_step} of {total_steps} from {state}")
     history = [m for m in checkpoint.read_jsonl(metrics_path) if m["step"] < first_step]
-    checkpoint.write_jsonl(metrics_path, history)  # steps logged after the checkpoint are redone
+    if args.rank == 0:
+        checkpoint.write_jsonl(metrics_path, history)  # steps logged after the checkpoint are redone
     bar = tqdm(total=total_steps, initial=first_step, desc=f"train iteration {iteration}", unit="step",
                disable=True if args.quiet else None)
     step, saved_step = 0, first_step
@@ -248,104 +270,154 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
                 continue
             started = time.time()
             step_pairs = [pairs[i] for i in order[start:start + batch_size]]
-            totals = dict(loss=0.0, real_reward=0.0, generated_reward=0.0, reward_accuracy=0.0)
-            tokens = 0
-            for micro in range(0, len(step_pairs), args.per_device_train_batch_size):
-                batch = step_pairs[micro:micro + args.per_device_train_batch_size]
-                policy_real_logps, policy_generated_logps = pair_logps(model, batch, args)  # (b,), (b,)
+            mine = step_pairs[args.rank::args.world_size]  # this rank's share of the global batch
+            # Every rank runs the same number of micro-batches (ZeRO-3 gathers weights in each forward);
+            # a rank short of pairs in the last batch runs one with weight 0.
+            micro_steps = math.ceil(math.ceil(len(step_pairs) / args.world_size) / args.per_device_train_batch_size)
+            micro_batches = [mine[k * args.per_device_train_batch_size:(k + 1) * args.per_device_train_batch_size]
+                             for k in range(micro_steps)]
+            totals = [0.0] * 6  # loss, real reward, generated reward, reward accuracy, tokens, pairs
+            for k, batch in enumerate(micro_batches):
+                weight = args.world_size / len(step_pairs) if batch else 0.0  # ranks' mean -> the global mean
+                batch = batch or step_pairs[:1]
+                if engine:
+                    engine.set_gradient_accumulation_boundary(k == micro_steps - 1)
+                policy_real_logps, policy_generated_logps = pair_logps(policy, batch, args)  # (b,), (b,)
                 losses, real_rewards, generated_rewards = spin_loss(
                     policy_real_logps, policy_generated_logps,
                     torch.tensor([p["opponent_real_logp"] for p in batch], device=policy_real_logps.device),
                     torch.tensor([p["opponent_generated_logp"] for p in batch], device=policy_real_logps.device),
                     args.beta, args.loss_type)
-                (losses.sum() / len(step_pairs)).backward()  # the mean over the step's pairs
-                totals["loss"] += losses.sum().item()
-                totals["real_reward"] += real_rewards.sum().item()
-                totals["generated_reward"] += generated_rewards.sum().item()
-                totals["reward_accuracy"] += (real_rewards > generated_rewards).float().sum().item()
-                tokens += sum(len(p["prompt_ids"]) * 2 + len(p["real_ids"]) + len(p["generated_ids"]) for p in batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-            if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+                loss = losses.sum() * weight  # (b,) -> the step's mean loss, this micro-batch's share
+                if engine:
+                    engine.backward(loss, scale_wrt_gas=False)
+                else:
+                    loss.backward()
+                if weight:
+                    totals = [a + b for a, b in zip(totals, [
+                        losses.sum().item(), real_rewards.sum().item(), generated_rewards.sum().item(),
+                        (real_rewards > generated_rewards).float().sum().item(),
+                        sum(len(p["prompt_ids"]) * 2 + len(p["real_ids"]) + len(p["generated_ids"]) for p in batch),
+                        len(batch)])]
+            totals = distributed.all_sum(args, totals)
+            n = totals[5]
+            if engine:
+                engine.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
+                grad_norm = float(engine.get_global_grad_norm())
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            if not (math.isfinite(totals[0]) and math.isfinite(grad_norm)):
                 kept = (f"the training state saved at step {saved_step} is kept in {state} and a re-run resumes from it"
                         if saved_step else "no training state was saved yet: a re-run restarts the iteration")
                 raise TrainingDiverged(
-                    f"iteration {iteration}, step {step}: non-finite loss {totals['loss'] / len(step_pairs)} or "
-                    f"gradient norm {grad_norm}; stopped without applying the step; {kept} (or lower "
+                    f"iteration {iteration}, step {step}: non-finite loss {totals[0] / n} or gradient norm "
+                    f"{grad_norm}; stopped{'' if engine else ' without applying the step'}; {kept} (or lower "
                     f"--learning_rate and pass --overwrite_output_dir to start over)")
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if engine is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {k: v / len(step_pairs) for k, v in totals.items()}
+            record = dict(loss=totals[0] / n, real_reward=totals[1] / n, generated_reward=totals[2] / n,
+                          reward_accuracy=totals[3] / n)
             record["margin"] = record["real_reward"] - record["generated_reward"]
             record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm,
-                          tokens_per_s=tokens / (time.time() - started))
-            checkpoint.append_jsonl(metrics_path, [record])
+                          tokens_per_s=totals[4] / (time.time() - started))
+            if args.rank == 0:
+                checkpoint.append_jsonl(metrics_path, [record])
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
                             acc=f"{record['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
             step += 1
-            if step % args.save_steps == 0 and step < total_steps:
+            if engine is None and step % args.save_steps == 0 and step < total_steps:
                 checkpoint.save_training_state(state, model, optimizer, scheduler, step)
                 saved_step = step
     bar.close()
-    return history
+    return history, engine
 
 
 def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], t: int, args, it: Path) -> list[dict]:
-    """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y'). Batches are
-    appended to generated.partial.jsonl as they finish, so a stopped run continues where it was."""
-    final, partial = it / "synthetic.jsonl", it / "generated.partial.jsonl"
-    if final.exists():
-        pairs = checkpoint.read_jsonl(final)
-        print(f"iteration {t}: reusing the {len(pairs)} generated responses in {final}")
-        return pairs
-    index_of = {r["id"]: i for i, r in enumerate(rows)}
-    found = checkpoint.read_jsonl(partial)
-    checkpoint.write_jsonl(partial, found)  # drop a line torn by a kill before appending to the file
-    done = {index_of[d.pop("id")]: d for d in found}
-    if done:
-        print(f"iteration {t}: found {len(done)} of {len(rows)} generated responses in {partial}; sampling the rest")
+    """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y').
 
-    def on_batch(indices, results):
-        checkpoint.append_jsonl(partial, [{"id": rows[i]["id"], **r} for i, r in zip(indices, results) if i not in done])
+    Rank r samples prompts r, r + world, ... and appends each finished batch to
+    generated.rank{r}.jsonl, so a stopped run continues where it was; rank 0 then merges the
+    shards in prompt order into synthetic.jsonl."""
+    final = it / "synthetic.jsonl"
+    if not final.exists():
+        shard = list(range(args.rank, len(rows), args.world_size))
+        partial = it / f"generated.rank{args.rank}.jsonl"
+        found = checkpoint.read_jsonl(partial)
+        checkpoint.write_jsonl(partial, found)  # drop a line torn by a kill before appending to the file
+        position = {rows[i]["id"]: k for k, i in enumerate(shard)}
+        done = {position[d["id"]]: d for d in found}
+        if done:
+            print(f"iteration {t}: found {len(done)} of {len(shard)} generated responses in {partial}; "
+                  f"sampling the rest")
 
-    samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
-                           args.top_p, args.generation_batch_size, args.seed + 1_000_000 * t,
-                           progress=not args.quiet, done=done, on_batch=on_batch)
-    # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
-    pairs = [{"id": r["id"], "iteration": t,
-              "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
-              "generated": r["messages"] + [{"role": "assistant", "content": s["text"]}],
-              "ended": s["ended"], "prompt_ids": p,
-              "real_ids": data.encode_response(tokenizer, r["response"]), "generated_ids": s["generated_ids"]}
-             for r, s, p in zip(rows, samples, prompts)]
-    checkpoint.write_jsonl(final, pairs)
-    partial.unlink()
-    return pairs
+        def on_batch(positions, results):
+            checkpoint.append_jsonl(partial, [{"id": rows[shard[k]]["id"], **r}
+                                              for k, r in zip(positions, results) if k not in done])
+
+        gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
+                     args.temperature, args.top_p, args.generation_batch_size,
+                     args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
+                     on_batch=on_batch)
+        distributed.barrier(args)
+        if args.rank == 0:
+            samples = {}
+            for path in sorted(it.glob("generated.rank*.jsonl")):
+                samples.update({d["id"]: d for d in checkpoint.read_jsonl(path)})
+            # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
+            pairs = [{"id": r["id"], "iteration": t,
+                      "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
+                      "generated": r["messages"] + [{"role": "assistant", "content": samples[r["id"]]["text"]}],
+                      "ended": samples[r["id"]]["ended"], "prompt_ids": p,
+                      "real_ids": data.encode_response(tokenizer, r["response"]),
+                      "generated_ids": samples[r["id"]]["generated_ids"]}
+                     for r, p in zip(rows, prompts)]
+            checkpoint.write_jsonl(final, pairs)
+            for path in it.glob("generated.rank*.jsonl"):
+                path.unlink()
+        distributed.barrier(args)
+        return checkpoint.read_jsonl(final)
+    print(f"iteration {t}: reusing the generated responses in {final}")
+    return checkpoint.read_jsonl(final)
 
 
 def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path) -> None:
-    """log p_θt of every training pair, from the file of a stopped run or computed now and saved."""
+    """log p_θt of every training pair, from the file of a stopped run, or computed now (each rank
+    scores its shard) and saved."""
     path = it / "opponent_logps.jsonl"
     keys = [(p["iteration"], p["id"]) for p in train_pairs]
     saved = checkpoint.read_jsonl(path)
     if [(s["iteration"], s["id"]) for s in saved] == keys:
         print(f"iteration {t}: reusing the opponent log-probs in {path}")
     else:
-        opponent_logps(model, train_pairs, args)  # log p_θt of every pair, once for the iteration
-        saved = [{"iteration": p["iteration"], "id": p["id"], "opponent_real_logp": p["opponent_real_logp"],
-                  "opponent_generated_logp": p["opponent_generated_logp"]} for p in train_pairs]
-        checkpoint.write_jsonl(path, saved)
+        shard = list(range(args.rank, len(train_pairs), args.world_size))
+        opponent_logps(model, [train_pairs[i] for i in shard], args)  # once for the iteration
+        scored = distributed.all_gather(args, [(i, train_pairs[i]["opponent_real_logp"],
+                                                train_pairs[i]["opponent_generated_logp"]) for i in shard])
+        by_index = {i: (real, generated) for i, real, generated in scored}
+        saved = [{"iteration": p["iteration"], "id": p["id"], "opponent_real_logp": by_index[i][0],
+                  "opponent_generated_logp": by_index[i][1]} for i, p in enumerate(train_pairs)]
+        if args.rank == 0:
+            checkpoint.write_jsonl(path, saved)
+        distributed.barrier(args)
     for p, s in zip(train_pairs, saved):
         p["opponent_real_logp"], p["opponent_generated_logp"] = s["opponent_real_logp"], s["opponent_generated_logp"]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.deepspeed and argv is None:
+        distributed.exit_if_relaunched(sys.argv)  # plain `python spin.py` on a multi-GPU machine
+    distributed.setup(args)
+    if args.world_size > 1 and not args.deepspeed:
+        raise UsageError(f"{args.world_size} processes were launched without --deepspeed; pass "
+                         f"--deepspeed configs/ds_zero3.json")
     run = Path(args.output_dir)
-    config = dict(vars(args))
+    config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank")}
     resuming = (run / "config.json").exists() and not args.overwrite_output_dir
     if resuming:
         try:
@@ -356,9 +428,10 @@ def main(argv=None) -> None:
         raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
     # Model and data first: bad input fails before anything is written to the run directory.
     go_offline_if_hub_unreachable(args.model, args.dataset)
-    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code)
+    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, dtype)
     args.pad_token_id = tokenizer.pad_token_id
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn)
     if args.max_samples and args.max_samples < len(rows):
@@ -369,57 +442,66 @@ def main(argv=None) -> None:
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left")
 
-    if not resuming:
+    if not resuming and args.rank == 0:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         checkpoint.write_atomic(run / "config.json", json.dumps(config, indent=1))
+    distributed.barrier(args)
     print("SPIN configuration:", json.dumps(config))
     completed = 0
     while (run / f"iter{completed}" / "complete.json").exists():
-        checkpoint.clean(run / f"iter{completed}")
+        if args.rank == 0:
+            checkpoint.clean(run / f"iter{completed}")
         completed += 1
     if completed:
         print(f"resuming {run}: iterations 0..{completed - 1} are complete; continuing from iter{completed - 1}/model")
-        _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    evaluate = report.toy_evaluator(tokenizer, args) if args.dataset == "toy" else None
+        _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation, args.trust_remote_code, dtype)
+    model.to(distributed.device(args))
+    evaluate = report.toy_evaluator(tokenizer, args) if args.dataset == "toy" and args.rank == 0 else None
 
-    if not (run / "start.json").exists():
+    if args.rank == 0 and not (run / "start.json").exists():
         checkpoint.write_atomic(run / "start.json", json.dumps(
             {"iteration": "start", **(evaluate(model) if evaluate and not completed else {})}))
+    distributed.barrier(args)
     report.print_header()
     for path in [run / "start.json"] + [run / f"iter{t}" / "complete.json" for t in range(completed)]:
         report.print_row(json.loads(path.read_text()))
     previous = checkpoint.read_jsonl(run / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
     for t in range(completed, args.iters):
         it = run / f"iter{t}"
-        it.mkdir(exist_ok=True)
+        if args.rank == 0:
+            it.mkdir(exist_ok=True)
+        distributed.barrier(args)
         started = time.time()
         pairs = sample_pairs(model, tokenizer, rows, prompts, t, args, it)  # y' ~ p_θt, the frozen opponent
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
         attach_opponent_logps(model, train_pairs, t, args, it)
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history = train(model, train_pairs, lr, t, args, it)  # θ_{t+1}; the model is now the policy
-        checkpoint.save_model(model, tokenizer, it / "model")
-        tail = history[-10:]  # the last 10 steps: one batch alone is noisy
-        [after] = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy, args.temperature,
-                               args.top_p, 1, args.seed + 1_000_000 * (t + 1))
-        row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
-               **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
-               "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model) if evaluate else {}),
-               "seconds": round(time.time() - started, 1),
-               "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
-        checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
-        checkpoint.clean(it)
-        report.print_row(row)
+        history, engine = train(model, train_pairs, lr, t, args, it)  # θ_{t+1}; the model is now the policy
+        distributed.save_model(engine, model, tokenizer, it / "model", args)
+        # The next opponent is θ_{t+1} exactly as saved: a whole copy again, also after ZeRO-3 partitioned it.
+        del engine, model
+        _, model = load_model(str(it / "model"), args.attn_implementation, args.trust_remote_code, dtype)
+        model.to(distributed.device(args))
+        if args.rank == 0:
+            tail = history[-10:]  # the last 10 steps: one batch alone is noisy
+            [after] = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy,
+                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1))
+            row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
+                   **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
+                   "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model) if evaluate else {}),
+                   "seconds": round(time.time() - started, 1),
+                   "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
+            checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
+            checkpoint.clean(it)
+            report.print_row(row)
+        distributed.barrier(args)
         previous = pairs
     summary = [json.loads((run / "start.json").read_text())] + \
         [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(args.iters)]
-    checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
+    if args.rank == 0:
+        checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
     showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
                 "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
     report.print_summary(summary, showcase, run)

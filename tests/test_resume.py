@@ -47,7 +47,7 @@ def lines(path):
 
 
 KILL_POINTS = {  # where the kill lands, as seen from the run directory
-    "during generation": lambda run: lines(run / "iter0" / "generated.partial.jsonl") >= 3,
+    "during generation": lambda run: lines(run / "iter0" / "generated.rank0.jsonl") >= 3,
     "during the opponent log-prob pass": lambda run: (run / "iter1" / "synthetic.jsonl").exists()
     and not (run / "iter1" / "opponent_logps.jsonl").exists(),
     "mid-training": lambda run: (run / "iter0" / "checkpoint").exists(),
@@ -78,7 +78,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, refe
         assert (run / f"iter{t}" / "synthetic.jsonl").read_text() == (reference / f"iter{t}" / "synthetic.jsonl").read_text()
         assert [json.loads(line)["step"] for line in (run / f"iter{t}" / "metrics.jsonl").read_text().splitlines()] \
             == list(range(30 if t == 0 else 60))  # no step logged twice, none lost
-        assert not (run / f"iter{t}" / "generated.partial.jsonl").exists() and not (run / f"iter{t}" / "checkpoint").exists()
+        assert not (run / f"iter{t}" / "generated.rank0.jsonl").exists() and not (run / f"iter{t}" / "checkpoint").exists()
     # CPU, one thread, the same batches in the same order: the weights are bit-for-bit equal.
     weights = load_file(run / "iter1" / "model" / "model.safetensors")
     expected = load_file(reference / "iter1" / "model" / "model.safetensors")
