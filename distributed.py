@@ -36,9 +36,12 @@ def relaunch_command(argv: list[str], num_gpus: int) -> list[str] | None:
 def setup(args) -> None:
     """Join the process group when launched with several ranks; sets args.rank, args.world_size."""
     args.rank, args.world_size = world()
-    if args.world_size > 1:
+    if args.deepspeed:
         import deepspeed
 
+        if "RANK" not in os.environ:  # `python spin.py --deepspeed ...` on one device: a group of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
         deepspeed.init_distributed()  # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator
     if args.rank != 0:
         args.quiet = True  # one log and one set of progress bars: rank 0's

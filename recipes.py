@@ -15,6 +15,7 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     num_train_epochs=2,
     per_device_train_batch_size=8,
     gradient_accumulation_steps=1,
+    global_batch_size=None,  # set: derives gradient_accumulation_steps from the number of GPUs
     warmup_ratio=0.1,
     max_grad_norm=1.0,  # Hugging Face Trainer's default, which the official code runs under
     max_length=1024,
@@ -39,8 +40,8 @@ RECIPES = {
         beta=0.1,  # the paper; the official iteration-3 script passes 5.0
         learning_rate=[5e-7, 5e-7, 1e-7, 1e-7],
         num_train_epochs=2,  # the paper; the official scripts run more and keep an early checkpoint
-        per_device_train_batch_size=8,  # × 8 GPUs = the paper's global batch 64
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=8,  # × 8 GPUs = the paper's global batch 64, without accumulation
+        global_batch_size=64,  # fewer GPUs accumulate gradients to keep it
         warmup_ratio=0.1,
         max_length=1024,
         max_prompt_length=512,

@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num_train_epochs", type=int)
     g.add_argument("--per_device_train_batch_size", type=int, help="pairs per forward pass")
     g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--global_batch_size", type=int, help="pairs per optimizer step over all GPUs; sets "
+                   "--gradient_accumulation_steps when that is not given (recipe: 64, the paper's)")
     g.add_argument("--warmup_ratio", type=float)
     g.add_argument("--max_grad_norm", type=float)
     g.add_argument("--max_length", type=int, help="prompt + response tokens")
@@ -101,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     recipe = RECIPES.get(args.model, {})
+    accumulation_given = args.gradient_accumulation_steps is not None
     for key, value in {**DEFAULTS, **recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -108,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model = recipe.get("model", args.model)
     args.output_dir = args.output_dir or os.path.join("runs", Path(args.model).name or "model")
     args.rank, args.world_size = distributed.world()
+    if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
+        args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
+                                                                              * args.world_size))
     validate(args)
     return args
 
@@ -120,6 +126,11 @@ def validate(args) -> None:
         (args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
         (args.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (not args.global_batch_size or args.global_batch_size == args.per_device_train_batch_size
+         * args.gradient_accumulation_steps * args.world_size,
+         f"--global_batch_size {args.global_batch_size} is not --per_device_train_batch_size "
+         f"{args.per_device_train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} × "
+         f"{args.world_size} processes"),
         (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
         (args.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
