@@ -73,8 +73,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
 
 
 def main(argv=None) -> None:
+    import cli
     import data
-    import spin
 
     p = argparse.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
@@ -91,11 +91,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        spin.go_offline_if_hub_unreachable(args.model, args.data)
+        cli.go_offline_if_hub_unreachable(args.model, args.data)
         rows = data.load_rows(args.data, args.split)[: args.max_samples]
-        tokenizer, model = spin.load_model(args.model)
+        tokenizer, model = cli.load_model(args.model)
         prompts = [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in rows]
-    except (data.DataError, spin.UsageError) as e:
+    except (data.DataError, cli.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,

@@ -19,10 +19,8 @@ Run directory (--output_dir); re-running the same command resumes it (see checkp
     iter{t}/model/              θ_{t+1}: save_pretrained model + tokenizer, the opponent of iteration t+1
     iter{t}/complete.json       written last: iteration t is done
 """
-import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -37,179 +35,12 @@ import data
 import distributed
 import generate as gen
 import report
+from cli import UsageError, go_offline_if_hub_unreachable, load_model, parse_args  # noqa: F401 (the command line)
 from loss import sequence_logps, spin_loss
-from recipes import DEFAULTS, RECIPES
-
-
-class UsageError(ValueError):
-    """A bad flag or model: shown as one line, exit status 2."""
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: shown as one line, exit status 1."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Flags default to None so that we can tell "given" from "not given": a recipe fills the rest.
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="toy", help=f"recipe ({', '.join(RECIPES)}), model directory or hub id")
-    g.add_argument("--dataset", help="'toy', a local .jsonl/.json/.parquet file, or a hub data set name")
-    g.add_argument("--dataset_split", help="split of a hub data set (default: train)")
-    g.add_argument("--max_samples", type=int, help="number of prompts, sampled with --seed (default: all)")
-    g.add_argument("--turn", choices=["first", "last"], default="first",
-                   help="which assistant reply of a conversation is the human response (paper: first)")
-    g.add_argument("--output_dir", help="the run directory (default: runs/<model name>)")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an existing run directory instead of resuming it")
-    g.add_argument("--save_steps", type=int, default=500, help="save the training state every N optimizer steps")
-    g.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with a hub model")
-    g = p.add_argument_group("SPIN")
-    g.add_argument("--iters", type=int, help="self-play iterations T (paper: 4)")
-    g.add_argument("--beta", type=float, help="λ in the paper: the regularization of Eq. 4.7 (paper: 0.1)")
-    g.add_argument("--loss_type", choices=["logistic", "hinge"], default="logistic", help="ℓ in Eq. 4.7")
-    g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
-                   help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
-    g = p.add_argument_group("generation (the opponent's samples)")
-    g.add_argument("--max_new_tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top_p", type=float)
-    g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    g.add_argument("--generation_batch_size", type=int)
-    g = p.add_argument_group("optimization (Hugging Face names)")
-    g.add_argument("--learning_rate", type=float, nargs="+", help="one per iteration; the last one repeats")
-    g.add_argument("--num_train_epochs", type=int)
-    g.add_argument("--per_device_train_batch_size", type=int, help="pairs per forward pass")
-    g.add_argument("--gradient_accumulation_steps", type=int)
-    g.add_argument("--global_batch_size", type=int, help="pairs per optimizer step over all GPUs; sets "
-                   "--gradient_accumulation_steps when that is not given (recipe: 64, the paper's)")
-    g.add_argument("--warmup_ratio", type=float)
-    g.add_argument("--max_grad_norm", type=float)
-    g.add_argument("--max_length", type=int, help="prompt + response tokens")
-    g.add_argument("--max_prompt_length", type=int, help="prompt tokens, cut from the left")
-    g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("scale")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
-    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
-    g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
-    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-
-    recipe = RECIPES.get(args.model, {})
-    accumulation_given = args.gradient_accumulation_steps is not None
-    for key, value in {**DEFAULTS, **recipe}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.recipe = args.model if recipe else None
-    args.model = recipe.get("model", args.model)
-    args.output_dir = args.output_dir or os.path.join("runs", Path(args.model).name or "model")
-    args.rank, args.world_size = distributed.world()
-    if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
-        args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
-                                                                              * args.world_size))
-    validate(args)
-    return args
-
-
-def validate(args) -> None:
-    checks = [
-        (args.iters >= 1, "--iters must be at least 1"),
-        (args.beta > 0, "--beta (λ) must be positive"),
-        (all(lr > 0 for lr in args.learning_rate), "--learning_rate values must be positive"),
-        (args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
-        (args.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
-        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (not args.global_batch_size or args.global_batch_size == args.per_device_train_batch_size
-         * args.gradient_accumulation_steps * args.world_size,
-         f"--global_batch_size {args.global_batch_size} is not --per_device_train_batch_size "
-         f"{args.per_device_train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} × "
-         f"{args.world_size} processes"),
-        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
-        (args.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
-        (args.max_length > args.max_prompt_length,
-         "--max_length must exceed --max_prompt_length, or no response token fits"),
-        (args.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
-        (args.temperature > 0, "--temperature must be positive (use --greedy for argmax decoding)"),
-        (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
-        (args.generation_batch_size >= 1, "--generation_batch_size must be at least 1"),
-        (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
-        (args.save_steps >= 1, "--save_steps must be at least 1"),
-        (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
-        (args.deepspeed is None or Path(args.deepspeed).is_file(), f"--deepspeed {args.deepspeed}: no such file"),
-        (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
-         "--attn_implementation must be eager, sdpa or flash_attention_2"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    if args.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if not torch.cuda.is_available():
-            raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
-                             "(pip install flash-attn --no-build-isolation); or use sdpa")
-
-
-def go_offline_if_hub_unreachable(*names: str) -> None:
-    """Without network, huggingface_hub retries each request for ~30 s before giving up. A 3 s probe
-    instead: when the Hub cannot be reached, switch to offline mode, so cached models still load
-    and anything else fails at once with the message of load_model or data.load_rows."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n == "toy" or Path(n).exists() for n in names):
-        return
-    import socket
-    from urllib.parse import urlparse
-
-    import huggingface_hub.constants
-
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        print(f"note: {host} cannot be reached; using only locally cached models and data sets")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """(tokenizer, model) from 'toy', a local directory or a hub id; safetensors weights only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
-    if name == "toy":
-        import toy
-
-        name = str(toy.sft_model_path())
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if Path(name).exists():
-            raise UsageError(f"--model {name} is not a model directory with safetensors weights "
-                             f"({first_line[:200]})") from None
-        raise UsageError(f"--model {name} could not be loaded from the Hugging Face Hub ({first_line[:200]}); "
-                         f"download it where there is network (hf download {name} --local-dir DIR) "
-                         f"and pass --model DIR") from None
-    if not tokenizer.chat_template:
-        raise UsageError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
-                         f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so any id works
-    return tokenizer, model
 
 
 def pair_logps(model, pairs: list[dict], args) -> tuple[torch.Tensor, torch.Tensor]:

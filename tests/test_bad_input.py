@@ -76,6 +76,11 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "unsupported file type": (["--dataset", "{dir}/data.csv"], "unsupported file type"),
     "json that is not a list": (["--dataset", "{dir}/object.json"], "expected a JSON list of rows"),
     "torn jsonl line": (["--dataset", "{torn}"], "line 2 is not valid JSON"),
+    "flash attention on a CPU": (["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs a CUDA GPU"),
+    "unknown attention": (["--attn_implementation", "fast"], "--attn_implementation must be eager, sdpa or"),
+    "missing deepspeed config": (["--deepspeed", "{dir}/nope.json"], "--deepspeed {dir}/nope.json: no such file"),
+    "global batch that does not divide": (["--global_batch_size", "10", "--per_device_train_batch_size", "4"],
+                                          "--global_batch_size 10 is not --per_device_train_batch_size 4"),
     "output_dir that is not a run": (["--output_dir", "{dir}/not-a-run"], "is a non-empty directory that is not a SPIN run"),
 }
 
@@ -94,6 +99,7 @@ def resolve(flags, files, small_sft_model, run):
 
 
 def check(code, err, message, run):
+    message = message.format(dir=run.parent) if "{dir}" in message else message
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err

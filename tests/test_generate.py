@@ -1,5 +1,4 @@
 """generate.py: batched, left-padded sampling gives what one-at-a-time decoding gives."""
-import pytest
 import torch
 
 import data

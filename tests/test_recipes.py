@@ -1,5 +1,4 @@
 """The recipe resolves to exactly the table in docs/scaling.md; explicit flags override it."""
-import os
 import re
 from pathlib import Path
 

@@ -80,3 +80,14 @@ def test_the_saved_checkpoint_equals_the_gathered_zero3_parameters(small_sft_mod
     assert result["steps"] == 3 and result["names"]
     assert result["max_abs_diff"] == 0.0
     assert result["losses"][0] == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_torchrun_launches_the_same_run(runs, small_sft_model, tmp_path):
+    zero3, _ = runs
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29532", "spin.py", "--model", str(small_sft_model),
+               *FLAGS, "--iters", "1", "--per_device_train_batch_size", "4", "--deepspeed", "configs/ds_zero3.json",
+               "--output_dir", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")]
+    assert losses == [m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")]  # the same computation
