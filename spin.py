@@ -281,8 +281,11 @@ def main(argv=None) -> None:
     prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
     cut = sum(len(p) > args.max_prompt_length for p in prompts)
     prompts = [p[-args.max_prompt_length:] for p in prompts]  # from the left, as in training
+    long = sum(len(p) + len(data.encode_response(tokenizer, r["response"])) > args.max_length
+               for p, r in zip(prompts, rows))
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
-          f"{args.max_prompt_length} were cut from the left")
+          f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
+          f"--max_length {args.max_length} (trained without EOS)")
 
     if not resuming and args.rank == 0:
         shutil.rmtree(run, ignore_errors=True)

@@ -141,10 +141,13 @@ def test_the_process_exit_status_is_2(tmp_path, small_sft_model):
 
 def test_long_prompts_are_cut_and_counted_not_silently(tmp_path, small_sft_model, capsys):
     path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": "7" * n, "response": "7"}) for n in (2, 40, 3, 50)) + "\n")
+    lengths = [(2, 40), (40, 1), (3, 1), (50, 20)]  # prompt and response characters (= tokens of the toy)
+    path.write_text("\n".join(json.dumps({"prompt": "7" * p, "response": "8" * r}) for p, r in lengths) + "\n")
     code = spin.cli(["--model", str(small_sft_model), "--dataset", str(path), "--output_dir", str(tmp_path / "run"),
                      "--iters", "1", "--max_prompt_length", "30", "--max_length", "40", "--max_new_tokens", "4",
                      "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--quiet"])
     assert code == 0
     assert "4 prompts from" in (out := capsys.readouterr().out)
     assert "2 prompts longer than --max_prompt_length 30 were cut from the left" in out
+    # rows 0 and 3: 8 + 41 and 30 (cut) + 21 tokens exceed 40
+    assert "2 human responses will be cut to fit --max_length 40 (trained without EOS)" in out
