@@ -40,7 +40,7 @@ def spin_loss(
     opponent_real_logps: torch.Tensor,
     opponent_generated_logps: torch.Tensor,
     beta: float,  # λ in the paper
-    loss_type: str = "logistic",
+    loss_type="logistic",  # "logistic", "hinge", or a function ℓ of the (B,) margins
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example SPIN losses and the "rewards" λ·log p_θ/p_θt of real and generated responses.
 
@@ -56,8 +56,10 @@ def spin_loss(
         losses = F.softplus(-margins)  # (B,) log(1 + e^−t), written stably
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - margins)  # (B,) max(0, 1 − t)
+    elif callable(loss_type):  # any other monotone decreasing convex ℓ, e.g. lambda t: torch.exp(-t)
+        losses = loss_type(margins)  # (B,)
     else:
-        raise ValueError(f"loss_type must be 'logistic' or 'hinge', got {loss_type!r}")
+        raise ValueError(f"loss_type must be 'logistic', 'hinge' or a function, got {loss_type!r}")
     real_rewards = beta * real_logratios.detach()  # (B,)
     generated_rewards = beta * generated_logratios.detach()  # (B,)
     return losses, real_rewards, generated_rewards

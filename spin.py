@@ -68,6 +68,16 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
             p["opponent_real_logp"], p["opponent_generated_logp"] = r, g
 
 
+def disable_dropout(model) -> None:
+    """Dropout would make log p_θ ≠ log p_θt at θ = θ_t, so the loss would not start at ℓ(0).
+    Both kinds: nn.Dropout modules, and the attention_dropout rate attention layers apply themselves."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path):
     """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
     Returns (per-step metrics, the DeepSpeed engine or None). Resumes from it/checkpoint when a
@@ -75,9 +85,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
-    for module in model.modules():  # dropout would make log p_θ ≠ log p_θt at θ = θ_t
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)  # paper §5.1
     batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # global
     steps_per_epoch = math.ceil(len(pairs) / batch_size)

@@ -27,7 +27,7 @@ ENTRIES = [
     ("Eq. 4.7: the SPIN objective; logistic ℓ(t) = log(1 + e^{−t}), or hinge ℓ(t) = max(0, 1 − t)",
      r"L_{SPIN}(\theta, \theta_t) = \mathbb{E}\Big[\ell\Big(\lambda \log \frac{p_\theta(y|x)}{p_{\theta_t}(y|x)}"
      r" - \lambda \log \frac{p_\theta(y'|x)}{p_{\theta_t}(y'|x)}\Big)\Big]",
-     "loss.py", 'if loss_type == "logistic":', 6),
+     "loss.py", 'if loss_type == "logistic":', 8),
     ("## Algorithm 1: Self-Play Fine-Tuning", None, None, None, 0),
     ("Input: the SFT data set {(x_i, y_i)}, y_i ~ p_data(·|x_i)", r"\{(x_i, y_i)\}_{i \in [N]}",
      "spin.py", "rows = data.load_rows(", 3),

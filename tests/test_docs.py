@@ -26,3 +26,17 @@ def test_links_in_readme_and_docs_resolve():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to a missing {target}"
+
+
+def test_every_exercise_check_selects_tests():
+    import shlex
+    import subprocess
+
+    text = (ROOT / "docs" / "exercises.md").read_text()
+    commands = re.findall(r"Check[^`]*`python -m pytest ([^`]*)`", text)
+    assert len(commands) >= 8 and len(re.findall(r"^## \d+\.", text, flags=re.M)) == len(commands)
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *shlex.split(command)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and re.search(r"^(\d+)/\d+ tests collected|^\d+ tests? collected",
+                                                    result.stdout, flags=re.M), (command, result.stdout[-500:])
