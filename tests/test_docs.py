@@ -40,3 +40,14 @@ def test_every_exercise_check_selects_tests():
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and re.search(r"^(\d+)/\d+ tests collected|^\d+ tests? collected",
                                                     result.stdout, flags=re.M), (command, result.stdout[-500:])
+
+
+def test_the_walkthrough_runs_and_shows_what_the_page_says(small_sft_model):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "docs/walkthrough.py", str(small_sft_model)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    margins = [float(m) for m in re.findall(r"margin = ([+-]\d+\.\d+)", result.stdout)]
+    assert "loss = 0.6931" in result.stdout.split("step 1")[0]  # ℓ(0) = log 2 at θ = θ_t
+    assert margins[0] == 0.0 and margins[-1] > margins[0]  # the steps raise the margin

@@ -1,0 +1,80 @@
+"""One SPIN step followed as data, on the toy: prints what docs/walkthrough.md shows.
+
+    python docs/walkthrough.py              # the toy's weak SFT model (built on first use, ~30 s)
+    python docs/walkthrough.py MODEL_DIR    # any model directory with a chat template
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import generate  # noqa: E402
+import spin  # noqa: E402
+import toy  # noqa: E402
+from loss import spin_loss  # noqa: E402
+
+
+LR = 0.001
+
+
+def main(model_name: str = "toy") -> None:
+    args = cli.parse_args(["--model", model_name, "--dataset", "toy", "--beta", "1", "--max_length", "48",
+                           "--max_prompt_length", "32"])
+    tokenizer, model = cli.load_model(args.model)
+    args.pad_token_id = tokenizer.pad_token_id
+    row = toy.make_rows("train")[0]
+    print("1. a row of the SFT data set")
+    print(f"   prompt x = {row['messages'][-1]['content']!r}   human answer y = {row['response']!r}")
+    print(f"   p_data(·|x) = {toy.p_data(row['messages'][-1]['content'])}")
+
+    prompt_ids = data.render_prompt(tokenizer, row["messages"])
+    print("\n2. the prompt through the chat template, the ids the model generates from and trains on")
+    print(f"   text: {tokenizer.decode(prompt_ids)!r}")
+    print(f"   ids:  {prompt_ids}")
+
+    [sample] = generate.generate(model, tokenizer, [prompt_ids], max_new_tokens=16, seed=3)
+    real_ids = data.encode_response(tokenizer, row["response"])
+    print("\n3. the opponent p_θ0 samples y' (temperature 1); y is tokenized alone and gets EOS (id 2)")
+    print(f"   y' = {sample['text']!r}  ids {sample['generated_ids']}  ended with EOS: {sample['ended']}")
+    print(f"   y  = {row['response']!r}  ids {real_ids}")
+
+    pair = {"prompt_ids": prompt_ids, "real_ids": real_ids, "generated_ids": sample["generated_ids"]}
+    spin.opponent_logps(model, [pair], args)
+    print("\n4. the opponent's log-probs: per token (each token given everything before it), then summed")
+    for name, ids in (("y ", real_ids), ("y'", sample["generated_ids"])):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + ids])).logits[0]  # (T, V)
+        # position i predicts token i + 1: the response tokens are predicted from positions len(prompt) - 1 ...
+        token_logps = logits[len(prompt_ids) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+        cells = "  ".join(f"{tokenizer.convert_ids_to_tokens(i)}:{lp:.2f}" for i, lp in zip(ids, token_logps.tolist()))
+        print(f"   {name}  {cells}")
+    print(f"   log p_θ0(y|x)  = {pair['opponent_real_logp']:.4f}   (p = {torch.tensor(pair['opponent_real_logp']).exp():.4f})")
+    print(f"   log p_θ0(y'|x) = {pair['opponent_generated_logp']:.4f}   (p = {torch.tensor(pair['opponent_generated_logp']).exp():.4f})")
+
+    model.train()
+    spin.disable_dropout(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)  # plain gradient steps show the direction
+    for step in range(4):
+        real, generated = spin.pair_logps(model, [pair], args)  # the policy p_θ, starting at θ = θ0
+        losses, real_rewards, generated_rewards = spin_loss(
+            real, generated, torch.tensor([pair["opponent_real_logp"]]), torch.tensor([pair["opponent_generated_logp"]]),
+            beta=args.beta)
+        if step == 0:
+            print("\n5. the policy starts as the opponent: log-ratios 0, margin 0, loss ℓ(0) = log 2")
+        print(f"   step {step}: log p_θ(y|x) = {real.item():.4f}  log p_θ(y'|x) = {generated.item():.4f}  "
+              f"real reward λ·log p_θ/p_θ0 = {real_rewards.item():+.4f}  generated reward = "
+              f"{generated_rewards.item():+.4f}  margin = {(real_rewards - generated_rewards).item():+.4f}  "
+              f"loss = {losses.item():.4f}")
+        if step == 0:
+            print(f"\n6. plain gradient steps (SGD, lr {LR}) on this one pair raise the margin:")
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "toy")
