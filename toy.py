@@ -83,7 +83,12 @@ def make_rows(split: str, num_prompts: int = SFT["num_prompts"], seed: int = 0) 
     """Toy rows in the common schema of data.py; each human response is one draw from p_data."""
     pairs = [(a, b) for a in range(100) for b in range(100)]
     random.Random(1234).shuffle(pairs)  # fixed: the test prompts never change
-    chosen = pairs[:NUM_TEST] if split == "test" else pairs[NUM_TEST:NUM_TEST + num_prompts]
+    if split == "test":
+        chosen = pairs[:NUM_TEST]
+    elif split == "validation":  # for choosing settings (experiments/toy_evidence.py); after all training prompts
+        chosen = pairs[-NUM_TEST:]
+    else:
+        chosen = pairs[NUM_TEST:NUM_TEST + num_prompts]
     rng = random.Random(seed)
     rows = []
     for i, (a, b) in enumerate(chosen):

@@ -10,24 +10,11 @@ import generate
 import spin
 import toy
 from conftest import tiny_mistral
-from test_theory import P_DATA, P_T, tabular_spin_loss
+from test_theory import P_DATA, P_T, minimize, tabular_spin_loss
 
 
 def exact_step(beta, loss_type="logistic"):
-    """argmin over a tabular policy of L_SPIN(·, θ_t), started at θ_t (LBFGS, float64)."""
-    logits = P_T.log().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = tabular_spin_loss(logits, P_T, P_DATA, beta, loss_type)
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        optimizer.step(closure)
-    return torch.softmax(logits.detach(), 0)
+    return minimize(P_T, P_DATA, beta, loss_type)
 
 
 def tv(p, q):

@@ -28,14 +28,15 @@ def tabular_spin_loss(logits, p_t, p_data, beta, loss_type="logistic"):
     return (weights * losses).sum()
 
 
-def minimize(p_t, p_data, beta):
+def minimize(p_t, p_data, beta, loss_type="logistic"):
+    """One SPIN iteration, minimized exactly: argmin over a tabular policy of L_SPIN(·, θ_t)."""
     logits = p_t.log().clone().requires_grad_(True)  # start at θ = θ_t
     optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                                   line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = tabular_spin_loss(logits, p_t, p_data, beta)
+        loss = tabular_spin_loss(logits, p_t, p_data, beta, loss_type)
         loss.backward()
         return loss
 

@@ -1,0 +1,204 @@
+"""Evidence on the toy for the paper's claims (arXiv 2401.01335v3, Sections 5 and 6):
+(a) SPIN improves a weak SFT model using only its SFT data; (b) the gains shrink from iteration to
+iteration; (c) continuing SFT on the same data for as many optimizer steps does not give the same
+gains; (d) p_data is the fixed point (Theorem 5.2) and each ideal step moves p_t to
+p_t·(p_data/p_t)^{1/λ} (Theorem 5.4, checked exactly in tests/test_theory.py).
+
+    python experiments/toy_evidence.py                 # 3 seeds, 4 iterations: ~15 min on 2 CPU cores
+    python experiments/toy_evidence.py --fast          # 1 seed, 2 iterations, no real grid: what CI runs
+
+Protocol, fixed before the final runs: λ and the learning rate of SPIN, and the learning rate of
+continued SFT, are chosen on the VALIDATION prompts (toy.make_rows("validation")) with seed 0 and
+2 iterations, by the lowest distance to p_data; the final runs then report the TEST prompts,
+which the choice never sees. Writes <out>/results.json, <out>/results.md and <out>/results.png.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import data  # noqa: E402
+import generate  # noqa: E402
+import spin  # noqa: E402
+import toy  # noqa: E402
+from loss import sequence_logps  # noqa: E402
+
+SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
+SFT_GRID = [3e-5, 1e-4, 3e-4]
+BATCH = 64  # pairs per SPIN step and sequences per SFT step: the toy recipe's
+
+
+def evaluate(model, tokenizer, split: str) -> dict:
+    rows = toy.make_rows(split)
+    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens=16, do_sample=False, batch_size=500)
+    return toy.evaluate(model, tokenizer, rows, greedy)
+
+
+def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: int, split: str) -> list[dict]:
+    """SPIN through spin.main; then each iteration's saved model evaluated on `split`."""
+    spin.main(["--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta", str(beta),
+               "--learning_rate", str(lr), "--seed", str(seed), "--quiet", "--output_dir", str(out),
+               "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "16",
+               "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH)])
+    results = []
+    for t in range(iters):
+        row = json.loads((out / f"iter{t}" / "complete.json").read_text())
+        if split == "test":  # spin.main evaluated the test prompts already
+            results.append({k: row[k] for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")} |
+                           {"steps": len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))})
+        else:
+            tokenizer, model = cli.load_model(str(out / f"iter{t}" / "model"))
+            results.append(evaluate(model, tokenizer, split))
+    return results
+
+
+def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> list[dict]:
+    """Continued SFT from the same start on the same prompts and human answers, with the same
+    optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
+    tokenizer, model = cli.load_model(str(start))
+    rows = toy.make_rows("train")
+    sequences = [data.build_sequence(data.render_prompt(tokenizer, r["messages"]),
+                                     data.encode_response(tokenizer, r["response"]), 32, 48) for r in rows]
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for total in steps:
+        model.train()
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
+        warmup = math.ceil(0.1 * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup
+                                                      else max(0.0, (total - s) / max(1, total - warmup)))
+        order = []
+        for _ in range(total):
+            if len(order) < BATCH:
+                order += torch.randperm(len(sequences), generator=generator).tolist()
+            batch = data.collate([sequences[i] for i in order[:BATCH]], tokenizer.pad_token_id)
+            order = order[BATCH:]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = -sequence_logps(logits, batch["labels"]).sum() / (batch["labels"][:, 1:] != -100).sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append(evaluate(model, tokenizer, split) | {"steps": total})
+    return results
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--fast", action="store_true", help="1 seed, 2 iterations, a 1-point grid: for CI")
+    p.add_argument("--out", default="runs/evidence")
+    args = p.parse_args(argv)
+    if args.fast:
+        args.seeds, args.iters = [0], 2
+    spin_grid = [(1.0, 1e-4)] if args.fast else SPIN_GRID
+    sft_grid = [1e-4] if args.fast else SFT_GRID
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    # 1. The protocol: choose on validation prompts, seed 0, 2 iterations.
+    start0 = toy.sft_model_path(seed=0)
+    protocol = {"spin": [], "sft": []}
+    for beta, lr in spin_grid:
+        tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0, "validation")[-1]["tv_distance"]
+        protocol["spin"].append({"beta": beta, "learning_rate": lr, "validation_tv": tv})
+        print(f"protocol: SPIN λ={beta} lr={lr:g}: validation TV {tv:.4f}", flush=True)
+    spin_steps = [len(checkpoint.read_jsonl(out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
+                                                  / f"iter{t}" / "metrics.jsonl")) for t in range(2)]
+    for lr in sft_grid:
+        tv = run_sft(start0, spin_steps, lr, 0, "validation")[-1]["tv_distance"]
+        protocol["sft"].append({"learning_rate": lr, "validation_tv": tv})
+        print(f"protocol: continued SFT lr={lr:g}: validation TV {tv:.4f}", flush=True)
+    best = min(protocol["spin"], key=lambda r: r["validation_tv"])
+    best_sft = min(protocol["sft"], key=lambda r: r["validation_tv"])
+    print(f"chosen before the final runs: SPIN λ={best['beta']} lr={best['learning_rate']:g}; "
+          f"continued SFT lr={best_sft['learning_rate']:g}", flush=True)
+
+    # 2. The final runs on the test prompts.
+    runs = []
+    for seed in args.seeds:
+        start = toy.sft_model_path(seed=seed)
+        tokenizer, model = cli.load_model(str(start))
+        initial = evaluate(model, tokenizer, "test")
+        spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
+                                seed, "test")
+        sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"], seed, "test")
+        runs.append({"seed": seed, "start": initial, "spin": spin_results, "sft": sft_results})
+        print(f"seed {seed}: start TV {initial['tv_distance']:.4f}; SPIN TV "
+              f"{[round(r['tv_distance'], 4) for r in spin_results]}; continued SFT TV "
+              f"{[round(r['tv_distance'], 4) for r in sft_results]}", flush=True)
+
+    minutes = (time.time() - started) / 60
+    results = {"protocol": protocol, "chosen": {"spin": best, "sft": best_sft}, "runs": runs,
+               "iters": args.iters, "seeds": args.seeds, "minutes": round(minutes, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(table(results))
+    plot(results, out / "results.png")
+    print(table(results))
+    print(f"{minutes:.1f} min; wrote {out}/results.json, results.md, results.png")
+
+
+def series(results: dict, method: str, metric: str) -> list[list[float]]:
+    """[iteration][seed] values, iteration 0 being the common start."""
+    return [[r["start"][metric] for r in results["runs"]]] + [
+        [r[method][t][metric] for r in results["runs"]] for t in range(results["iters"])]
+
+
+def table(results: dict) -> str:
+    lines = ["| after iteration | SPIN accuracy | SPIN TV to p_data | SPIN Δ TV | continued SFT accuracy | "
+             "continued SFT TV to p_data | optimizer steps |", "|---|---|---|---|---|---|---|"]
+    spin_acc, spin_tv = series(results, "spin", "accuracy"), series(results, "spin", "tv_distance")
+    sft_acc, sft_tv = series(results, "sft", "accuracy"), series(results, "sft", "tv_distance")
+    for t in range(results["iters"] + 1):
+        delta = "" if t == 0 else f"{statistics.mean(spin_tv[t]) - statistics.mean(spin_tv[t - 1]):+.3f}"
+        steps = "" if t == 0 else str(results["runs"][0]["spin"][t - 1]["steps"])
+        lines.append(f"| {'start' if t == 0 else t - 1} | {mean_std(spin_acc[t])} | {mean_std(spin_tv[t])} | {delta} | "
+                     f"{mean_std(sft_acc[t])} | {mean_std(sft_tv[t])} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = list(range(results["iters"] + 1))
+    for ax, metric, label in ((axes[0], "accuracy", "held-out accuracy (greedy answer valid)"),
+                              (axes[1], "tv_distance", "total variation to p_data")):
+        for method, name in (("spin", "SPIN"), ("sft", "continued SFT")):
+            values = series(results, method, metric)
+            means = [statistics.mean(v) for v in values]
+            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=name)
+        ax.set_xticks(x, ["start"] + [str(t) for t in range(results["iters"])])
+        ax.set_xlabel("after iteration")
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(f"Toy: SPIN vs continued SFT, {len(results['seeds'])} seed(s), test prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
