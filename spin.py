@@ -194,44 +194,44 @@ def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], t
     generated.rank{r}.jsonl, so a stopped run continues where it was; rank 0 then merges the
     shards in prompt order into synthetic.jsonl."""
     final = it / "synthetic.jsonl"
-    if not final.exists():
-        shard = list(range(args.rank, len(rows), args.world_size))
-        partial = it / f"generated.rank{args.rank}.jsonl"
-        found = checkpoint.read_jsonl(partial)
-        checkpoint.write_jsonl(partial, found)  # drop a line torn by a kill before appending to the file
-        position = {rows[i]["id"]: k for k, i in enumerate(shard)}
-        done = {position[d["id"]]: d for d in found}
-        if done:
-            print(f"iteration {t}: found {len(done)} of {len(shard)} generated responses in {partial}; "
-                  f"sampling the rest")
-
-        def on_batch(positions, results):
-            checkpoint.append_jsonl(partial, [{"id": rows[shard[k]]["id"], **r}
-                                              for k, r in zip(positions, results) if k not in done])
-
-        gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
-                     args.temperature, args.top_p, args.generation_batch_size,
-                     args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
-                     on_batch=on_batch)
-        distributed.barrier(args)
-        if args.rank == 0:
-            samples = {}
-            for path in sorted(it.glob("generated.rank*.jsonl")):
-                samples.update({d["id"]: d for d in checkpoint.read_jsonl(path)})
-            # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
-            pairs = [{"id": r["id"], "iteration": t,
-                      "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
-                      "generated": r["messages"] + [{"role": "assistant", "content": samples[r["id"]]["text"]}],
-                      "ended": samples[r["id"]]["ended"], "prompt_ids": p,
-                      "real_ids": data.encode_response(tokenizer, r["response"]),
-                      "generated_ids": samples[r["id"]]["generated_ids"]}
-                     for r, p in zip(rows, prompts)]
-            checkpoint.write_jsonl(final, pairs)
-            for path in it.glob("generated.rank*.jsonl"):
-                path.unlink()
-        distributed.barrier(args)
+    if final.exists():
+        print(f"iteration {t}: reusing the generated responses in {final}")
         return checkpoint.read_jsonl(final)
-    print(f"iteration {t}: reusing the generated responses in {final}")
+    shard = list(range(args.rank, len(rows), args.world_size))
+    partial = it / f"generated.rank{args.rank}.jsonl"
+    found = checkpoint.read_jsonl(partial)
+    checkpoint.write_jsonl(partial, found)  # drop a line torn by a kill before appending to the file
+    position = {rows[i]["id"]: k for k, i in enumerate(shard)}
+    done = {position[d["id"]]: d for d in found}
+    if done:
+        print(f"iteration {t}: found {len(done)} of {len(shard)} generated responses in {partial}; "
+              f"sampling the rest")
+
+    def on_batch(positions, results):
+        checkpoint.append_jsonl(partial, [{"id": rows[shard[k]]["id"], **r}
+                                          for k, r in zip(positions, results) if k not in done])
+
+    gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
+                 args.temperature, args.top_p, args.generation_batch_size,
+                 args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
+                 on_batch=on_batch)
+    distributed.barrier(args)
+    if args.rank == 0:
+        samples = {}
+        for path in sorted(it.glob("generated.rank*.jsonl")):
+            samples.update({d["id"]: d for d in checkpoint.read_jsonl(path)})
+        # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
+        pairs = [{"id": r["id"], "iteration": t,
+                  "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
+                  "generated": r["messages"] + [{"role": "assistant", "content": samples[r["id"]]["text"]}],
+                  "ended": samples[r["id"]]["ended"], "prompt_ids": p,
+                  "real_ids": data.encode_response(tokenizer, r["response"]),
+                  "generated_ids": samples[r["id"]]["generated_ids"]}
+                 for r, p in zip(rows, prompts)]
+        checkpoint.write_jsonl(final, pairs)
+        for path in it.glob("generated.rank*.jsonl"):
+            path.unlink()
+    distributed.barrier(args)
     return checkpoint.read_jsonl(final)
 
 
