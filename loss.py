@@ -8,7 +8,7 @@ p_θ the policy being trained and ℓ a monotone decreasing convex function: log
 
 Tensors in, tensors out: no model, no configuration, no distributed calls.
 Shapes: B = sequences in a batch, T = tokens per sequence (prompt + response, right-padded),
-V = vocabulary size.
+V = vocabulary size, N = response tokens in the batch.
 """
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # first label so that they line up. Reading logits[:, i] against labels[:, i] is the classic bug.
     logits = logits[:, :-1, :]  # (B, T-1, V)
     labels = labels[:, 1:]  # (B, T-1)
-    mask = labels != IGNORE_INDEX  # (B, T-1) True on response tokens
-    safe_labels = labels.masked_fill(~mask, 0)  # (B, T-1) any valid index; masked out below
-    # float32 even when the model runs in bf16: a sum of hundreds of bf16 log-probs loses digits
-    log_probs = logits.float().log_softmax(dim=-1)  # (B, T-1, V)
-    token_logps = torch.gather(log_probs, 2, safe_labels.unsqueeze(2)).squeeze(2)  # (B, T-1)
-    return (token_logps * mask).sum(dim=-1)  # (B,)
+    mask = labels != IGNORE_INDEX  # (B, T-1) True on the N response tokens
+    # Only response positions are scored: prompt and padding never reach the float32 softmax.
+    # float32 even when the model runs in bf16: a sum of hundreds of bf16 log-probs loses digits.
+    response_logits = logits[mask].float()  # (N, V)
+    # log p(token) = its logit − logsumexp(all logits): no (N, V) log_softmax is materialised
+    token_logps = response_logits.gather(1, labels[mask].unsqueeze(1)).squeeze(1) \
+        - response_logits.logsumexp(dim=-1)  # (N,)
+    per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)  # (B, T-1)
+    return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,)
 
 
 def spin_loss(

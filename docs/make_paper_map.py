@@ -13,7 +13,7 @@ ENTRIES = [
     ("## Section 4: the two players", None, None, None, 0),
     ("log p(y|x): the sum of the response tokens' log-probabilities",
      r"\log p_\theta(y|x) = \sum_{j=1}^{|y|} \log p_\theta(y_j \mid x, y_{<j})",
-     "loss.py", "logits = logits[:, :-1, :]", 8),
+     "loss.py", "logits = logits[:, :-1, :]", 11),
     ("The main player: a function f that scores human responses above synthetic ones, trained with a "
      "monotone decreasing convex loss ℓ",
      r"f_{t+1} = \arg\min_{f \in \mathcal{F}_t} \mathbb{E}_{x, y \sim p_{data}(\cdot|x), y' \sim p_{\theta_t}(\cdot|x)}"
