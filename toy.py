@@ -48,7 +48,7 @@ SFT = dict(  # the weak starting model: these settings are the cache key
     sft_learning_rate=1e-3,
     num_prompts=2000,  # the SFT data set that SPIN reuses
     seed=0,
-    version=1,  # bump when the toy's definition changes
+    version=2,  # bump when the toy or the code that trains it changes: 2 = response-only log-probs
 )
 
 
