@@ -2,26 +2,16 @@
 iterations (the slide "Difference in generation at t step" of the presentation this project
 started from). On the toy, the held-out task metrics come from toy.evaluate.
 """
-import data
-import generate
-
 COLUMNS = ["iteration", "pairs", "first_loss", "loss", "margin", "reward_accuracy", "accuracy",
            "tv_distance", "valid_mass", "seconds"]
 
 
-def toy_evaluator(tokenizer, args):
+def toy_evaluator(args):
     """Held-out metrics of the toy (accuracy, exact distance to p_data): see toy.evaluate."""
     import toy
 
-    test_rows = toy.make_rows("test")
-    test_prompts = [data.render_prompt(tokenizer, r["messages"]) for r in test_rows]
-
-    def evaluate(model) -> dict:
-        greedy = generate.generate(model, tokenizer, test_prompts, args.max_new_tokens, do_sample=False,
-                                   batch_size=args.generation_batch_size)
-        return toy.evaluate(model, tokenizer, test_rows, greedy)
-
-    return evaluate
+    return lambda model, tokenizer: toy.evaluate_split(model, tokenizer, "test", args.max_new_tokens,
+                                                       args.generation_batch_size)
 
 
 def print_header() -> None:

@@ -61,7 +61,8 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
     iteration, so this one pass replaces the reference model that DPO-style trainers keep in memory."""
     model.eval()
     size = args.per_device_train_batch_size
-    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch", disable=True if args.quiet else None):
+    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch",
+                      disable=True if args.quiet else None):
         batch = pairs[start:start + size]
         real, generated = pair_logps(model, batch, args)
         for p, r, g in zip(batch, real.tolist(), generated.tolist()):
@@ -187,7 +188,8 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     return history, engine
 
 
-def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], t: int, args, it: Path) -> list[dict]:
+def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], real_ids: list[list[int]], t: int,
+                 args, it: Path) -> list[dict]:
     """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y').
 
     Rank r samples prompts r, r + world, ... and appends each finished batch to
@@ -225,9 +227,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], t
                   "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
                   "generated": r["messages"] + [{"role": "assistant", "content": samples[r["id"]]["text"]}],
                   "ended": samples[r["id"]]["ended"], "prompt_ids": p,
-                  "real_ids": data.encode_response(tokenizer, r["response"]),
-                  "generated_ids": samples[r["id"]]["generated_ids"]}
-                 for r, p in zip(rows, prompts)]
+                  "real_ids": y, "generated_ids": samples[r["id"]]["generated_ids"]}
+                 for r, p, y in zip(rows, prompts, real_ids)]
         checkpoint.write_jsonl(final, pairs)
         for path in it.glob("generated.rank*.jsonl"):
             path.unlink()
@@ -289,8 +290,8 @@ def main(argv=None) -> None:
     prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
     cut = sum(len(p) > args.max_prompt_length for p in prompts)
     prompts = [p[-args.max_prompt_length:] for p in prompts]  # from the left, as in training
-    long = sum(len(p) + len(data.encode_response(tokenizer, r["response"])) > args.max_length
-               for p, r in zip(prompts, rows))
+    real_ids = [data.encode_response(tokenizer, r["response"]) for r in rows]  # y, tokenized once for the run
+    long = sum(len(p) + len(y) > args.max_length for p, y in zip(prompts, real_ids))
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
           f"--max_length {args.max_length} (trained without EOS)")
@@ -310,11 +311,11 @@ def main(argv=None) -> None:
         print(f"resuming {run}: iterations 0..{completed - 1} are complete; continuing from iter{completed - 1}/model")
         _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation, args.trust_remote_code, dtype)
     model.to(distributed.device(args))
-    evaluate = report.toy_evaluator(tokenizer, args) if args.dataset == "toy" and args.rank == 0 else None
+    evaluate = report.toy_evaluator(args) if args.dataset == "toy" and args.rank == 0 else None
 
     if args.rank == 0 and not (run / "start.json").exists():
         checkpoint.write_atomic(run / "start.json", json.dumps(
-            {"iteration": "start", **(evaluate(model) if evaluate and not completed else {})}))
+            {"iteration": "start", **(evaluate(model, tokenizer) if evaluate and not completed else {})}))
     distributed.barrier(args)
     report.print_header()
     for path in [run / "start.json"] + [run / f"iter{t}" / "complete.json" for t in range(completed)]:
@@ -326,7 +327,7 @@ def main(argv=None) -> None:
             it.mkdir(exist_ok=True)
         distributed.barrier(args)
         started = time.time()
-        pairs = sample_pairs(model, tokenizer, rows, prompts, t, args, it)  # y' ~ p_θt, the frozen opponent
+        pairs = sample_pairs(model, tokenizer, rows, prompts, real_ids, t, args, it)  # y' ~ p_θt, the frozen opponent
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
         attach_opponent_logps(model, train_pairs, t, args, it)
@@ -343,7 +344,7 @@ def main(argv=None) -> None:
                                    args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1))
             row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
                    **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
-                   "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model) if evaluate else {}),
+                   "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model, tokenizer) if evaluate else {}),
                    "seconds": round(time.time() - started, 1),
                    "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
             checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last

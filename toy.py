@@ -185,14 +185,19 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     return {"accuracy": correct / n, "tv_distance": tv / n, "valid_mass": valid_mass / n}
 
 
+def evaluate_split(model, tokenizer, split: str = "test", max_new_tokens: int = 16, batch_size: int = 500) -> dict:
+    """toy.evaluate on a split's prompts, with the model's greedy answers to them."""
+    import generate
+
+    rows = make_rows(split)
+    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size)
+    return evaluate(model, tokenizer, rows, greedy)
+
+
 if __name__ == "__main__":
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import generate
-
     path = sft_model_path()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    rows = make_rows("test")
-    greedy = generate.generate(model, tokenizer, [data.render_prompt(tokenizer, r["messages"]) for r in rows],
-                               max_new_tokens=16, do_sample=False)
-    print(path, {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows, greedy).items()})
+    print(path, {k: round(v, 4) for k, v in evaluate_split(model, tokenizer).items()})

@@ -27,7 +27,6 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
-import generate  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
 from loss import sequence_logps  # noqa: E402
@@ -35,13 +34,6 @@ from loss import sequence_logps  # noqa: E402
 SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
 SFT_GRID = [3e-5, 1e-4, 3e-4]
 BATCH = 64  # pairs per SPIN step and sequences per SFT step: the toy recipe's
-
-
-def evaluate(model, tokenizer, split: str) -> dict:
-    rows = toy.make_rows(split)
-    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
-    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens=16, do_sample=False, batch_size=500)
-    return toy.evaluate(model, tokenizer, rows, greedy)
 
 
 def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: int, split: str) -> list[dict]:
@@ -58,7 +50,7 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
                            {"steps": len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))})
         else:
             tokenizer, model = cli.load_model(str(out / f"iter{t}" / "model"))
-            results.append(evaluate(model, tokenizer, split))
+            results.append(toy.evaluate_split(model, tokenizer, split))
     return results
 
 
@@ -90,7 +82,7 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        results.append(evaluate(model, tokenizer, split) | {"steps": total})
+        results.append(toy.evaluate_split(model, tokenizer, split) | {"steps": total})
     return results
 
 
@@ -138,7 +130,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         start = toy.sft_model_path(seed=seed)
         tokenizer, model = cli.load_model(str(start))
-        initial = evaluate(model, tokenizer, "test")
+        initial = toy.evaluate_split(model, tokenizer, "test")
         spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
                                 seed, "test")
         sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"], seed, "test")
