@@ -68,6 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
     g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    g = p.add_argument_group("evaluation and logging (evaluation.py, report.py, plot.py)")
+    g.add_argument("--eval_dataset", help="held-out prompts: a data set like --dataset (default: the toy's test "
+                   "split; otherwise --eval_samples rows, at most a tenth, taken out of --dataset)")
+    g.add_argument("--eval_split", help="split of --eval_dataset (default: test)")
+    g.add_argument("--eval_samples", type=int, help="held-out prompts evaluated after every iteration; 0: none")
+    g.add_argument("--eval_tasks", type=lambda s: [t for t in s.split(",") if t],
+                   help="lm-evaluation-harness tasks run on every model, comma-separated (pip install lm_eval)")
+    g.add_argument("--eval_limit", type=int, help="at most this many examples per --eval_tasks task")
+    g.add_argument("--eval_include_path", help="a directory of lm-eval task YAML files (evals/ is always included)")
+    g.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
+                   help="tensorboard: event files in <output_dir>/tensorboard (pip install tensorboard)")
+    g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -111,6 +123,11 @@ def validate(args) -> None:
         (args.generation_batch_size >= 1, "--generation_batch_size must be at least 1"),
         (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
+        (args.eval_samples >= 0, "--eval_samples must be 0 (no held-out evaluation) or more"),
+        (args.eval_limit is None or args.eval_limit >= 1, "--eval_limit must be at least 1"),
+        (args.eval_tasks is None or len(args.eval_tasks) > 0, "--eval_tasks needs at least one task name"),
+        (args.eval_include_path is None or Path(args.eval_include_path).is_dir(),
+         f"--eval_include_path {args.eval_include_path}: no such directory"),
         (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
         (args.deepspeed is None or Path(args.deepspeed).is_file(), f"--deepspeed {args.deepspeed}: no such file"),
         (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
@@ -119,8 +136,13 @@ def validate(args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    import importlib.util
+
+    for flag, given, package in (("--eval_tasks", args.eval_tasks, "lm_eval"),
+                                 ("--report_to tensorboard", args.report_to == "tensorboard", "tensorboard")):
+        if given and importlib.util.find_spec(package) is None:
+            raise UsageError(f"{flag} needs the {package} package: pip install -r requirements-eval.txt")
     if args.attn_implementation == "flash_attention_2":
-        import importlib.util
 
         if not torch.cuda.is_available():
             raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on this machine")

@@ -30,8 +30,8 @@ class DataError(ValueError):
     """Bad input data: the message names the row and is shown to the user as one line."""
 
 
-def load_rows(source: str, split: str = "train", turn: str = "first") -> list[dict]:
-    """Rows in the common schema from the toy, a local file or the Hub."""
+def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset") -> list[dict]:
+    """Rows in the common schema from the toy, a local file or the Hub; errors name `flag`."""
     if source == "toy":
         import toy
 
@@ -40,10 +40,13 @@ def load_rows(source: str, split: str = "train", turn: str = "first") -> list[di
     if path.exists():
         table = _read_local(path)
     else:
-        table = _read_hub(source, split)
-    rows = [_normalize(i, record, turn) for i, record in enumerate(table)]
+        table = _read_hub(source, split, flag)
+    try:
+        rows = [_normalize(i, record, turn) for i, record in enumerate(table)]
+    except DataError as e:
+        raise DataError(f"{flag} {source}, {e}") from None
     if not rows:
-        raise DataError(f"{source}: the data set has no rows")
+        raise DataError(f"{flag} {source}: the data set has no rows")
     return rows
 
 
@@ -72,7 +75,7 @@ def _read_local(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str) -> list[dict]:
     import datasets
 
     try:
@@ -80,7 +83,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
     except Exception as e:  # offline, misspelled, gated: the datasets library raises many kinds
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--dataset {name}: not a local file and could not be loaded from the Hugging Face Hub "
+            f"{flag} {name}: not a local file and could not be loaded from the Hugging Face Hub "
             f"({first_line}); download it where there is network and pass the local .jsonl/.parquet path"
         ) from None
 

@@ -42,7 +42,11 @@ def setup(args) -> None:
         if "RANK" not in os.environ:  # `python spin.py --deepspeed ...` on one device: a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-        deepspeed.init_distributed()  # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator
+        # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator. Evaluation runs on rank 0 while the
+        # others wait in a barrier: lm-eval on a 7B model can outlast the default 30-minute timeout.
+        from datetime import timedelta
+
+        deepspeed.init_distributed(timeout=timedelta(hours=8 if args.eval_tasks else 1))
     if args.rank != 0:
         args.quiet = True  # one log and one set of progress bars: rank 0's
         sys.stdout = open(os.devnull, "w")

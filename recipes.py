@@ -27,6 +27,12 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     bf16=False,
     gradient_checkpointing=False,
     deepspeed=None,
+    eval_dataset=None,  # None: the toy's test split, or rows taken out of --dataset
+    eval_split="test",
+    eval_samples=200,
+    eval_tasks=None,
+    eval_limit=None,
+    eval_include_path=None,
 )
 
 RECIPES = {
@@ -52,6 +58,8 @@ RECIPES = {
         bf16=True,
         gradient_checkpointing=True,
         deepspeed="configs/ds_zero3.json",  # ZeRO-3 over all visible GPUs, as the paper
+        eval_dataset="HuggingFaceH4/ultrachat_200k",  # held-out prompts: UltraChat's test split
+        eval_split="test_sft",
     ),
     # The embedded toy (toy.py): `python spin.py` runs it offline on a laptop CPU in minutes.
     "toy": dict(

@@ -1,39 +1,146 @@
-"""What a run shows its user: the per-iteration table and one prompt followed through the
-iterations (the slide "Difference in generation at t step" of the presentation this project
-started from). On the toy, the held-out task metrics come from toy.evaluate.
+"""What a run shows its user: the table with one row per model (θ_0 = the start, then one per
+iteration), one prompt followed through the iterations (the slide "Difference in generation at t
+step" of the presentation this project started from), evaluation.jsonl, TensorBoard event files
+(--report_to tensorboard) and a model card in every iteration's model directory.
 """
-COLUMNS = ["iteration", "pairs", "first_loss", "loss", "margin", "reward_accuracy", "accuracy",
-           "tv_distance", "valid_mass", "seconds"]
+import json
+from pathlib import Path
+
+import checkpoint
+
+TRAINING = ["loss", "margin", "reward_accuracy"]  # mean of the iteration's last 10 optimizer steps
+HELDOUT = ["eval_loss", "eval_margin", "eval_reward_accuracy", "eval_real_logp", "eval_generated_length"]
+TOY = ["accuracy", "tv_distance"]
 
 
-def toy_evaluator(args):
-    """Held-out metrics of the toy (accuracy, exact distance to p_data): see toy.evaluate."""
-    import toy
-
-    return lambda model, tokenizer: toy.evaluate_split(model, tokenizer, "test", args.max_new_tokens,
-                                                       args.generation_batch_size)
+def columns(start: dict) -> list[str]:
+    """The table's columns for a run, from what its start row measured."""
+    return (["iteration"] + TRAINING + (HELDOUT if "eval_real_logp" in start else [])
+            + (TOY if "accuracy" in start else []) + sorted(k for k in start if "/" in k) + ["seconds"])
 
 
-def print_header() -> None:
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+def print_header(cols: list[str]) -> None:
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
 
 
-def print_row(row: dict) -> None:
+def print_row(row: dict, cols: list[str]) -> None:
     cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and c != "seconds" else str(row.get(c, ""))
-             for c in COLUMNS]
+             for c in cols]
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def print_summary(summary: list[dict], showcase: dict, run) -> None:
-    print("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;"
-          "\naccuracy, tv_distance (to p_data), valid_mass: the toy's held-out prompts (see toy.evaluate).")
-    print_header()
+    print("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;\n"
+          "eval_*: the held-out prompts (evaluation.py; eval_loss is Eq. 4.7 of the model against the one before it)"
+          + (";\naccuracy, tv_distance (to p_data): the toy's test prompts (toy.evaluate)" if "accuracy" in summary[0] else ""))
+    cols = columns(summary[0])
+    print_header(cols)
     for row in summary:
-        print_row(row)
+        print_row(row, cols)
     print("\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
     print(f"  prompt:  {showcase['prompt']!r}\n  human:   {showcase['human']!r}")
     for t, text in enumerate(showcase["model"]):
         who = "p_θ0 (start)" if t == 0 else f"p_θ{t} (after iteration {t - 1})"
         print(f"  {who:<26} {text!r}")
-    print(f"\nrun directory: {run}  (config.json, iterations.jsonl, iter*/synthetic.jsonl, iter*/metrics.jsonl, "
-          f"iter*/model)")
+    print(f"\nrun directory: {run}  (spin.png, evaluation.jsonl, iterations.jsonl, iter*/metrics.jsonl, "
+          f"iter*/synthetic.jsonl, iter*/model, eval/)")
+
+
+def evaluation_rows(summary: list[dict]) -> list[dict]:
+    """One row per model θ_s: what was measured on held-out data (no training numbers)."""
+    keep = {"eval_", "accuracy", "tv_distance", "valid_mass"}
+    return [{"model": s, "path": "start" if s == 0 else f"iter{s - 1}/model",
+             **{k: v for k, v in row.items() if "/" in k or any(k.startswith(p) for p in keep)}}
+            for s, row in enumerate(summary)]
+
+
+def write_evaluation(run: Path, summary: list[dict]) -> None:
+    checkpoint.write_jsonl(run / "evaluation.jsonl", evaluation_rows(summary))
+
+
+class Tracker:
+    """TensorBoard event files in <run>/tensorboard when --report_to tensorboard; otherwise nothing.
+
+    One step axis for everything: optimizer steps since the start of the run. Model θ_s's held-out
+    numbers are logged at the step that finished it. A resumed run purges what the stopped one
+    logged from its first new step on, so a redone step is not shown twice."""
+
+    def __init__(self, run: Path, args):
+        self.run, self.enabled, self.writer = run, args.report_to == "tensorboard", None
+
+    def offset(self, iteration: int) -> int:  # optimizer steps of the iterations before this one
+        return sum(len(checkpoint.read_jsonl(self.run / f"iter{i}" / "metrics.jsonl")) for i in range(iteration))
+
+    def scalars(self, values: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=step)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def log_step(self, record: dict) -> None:
+        keys = ("loss", "real_reward", "generated_reward", "margin", "reward_accuracy", "learning_rate", "grad_norm")
+        self.scalars({f"train/{k}": record[k] for k in keys}, self.offset(record["iteration"]) + record["step"])
+
+    def log_eval(self, row: dict, s: int) -> None:
+        [values] = evaluation_rows([row])
+        self.scalars({f"eval/{k.removeprefix('eval_')}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "model"},
+                     self.offset(s))
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(config: dict, row: dict, start: dict) -> str:
+    """README.md of iter{t}/model: how θ_{t+1} was made and what it measured."""
+    t = row["iteration"]
+    base = config["model"]
+    hub = not Path(base).exists() and base != "toy"
+    measured = evaluation_rows([start, row])
+    keys = [k for k in measured[1] if k not in ("model", "path")]
+    lines = [
+        "---",
+        *([f"base_model: {base}"] if hub else []),
+        "library_name: transformers",
+        "tags: [spin, self-play-fine-tuning]",
+        "---",
+        f"# SPIN iteration {t}: θ_{t + 1}",
+        "",
+        f"Self-Play Fine-Tuning (arXiv 2401.01335), iteration {t} of {config['iters']}, started from "
+        f"`{base}`{' (the embedded toy)' if base == 'toy' else ''}. The opponent of this iteration was "
+        f"{'the start' if t == 0 else f'iter{t - 1}/model'}; it sampled one response per prompt of "
+        f"`{config['dataset']}`, and this model was trained to tell the human responses from those (Eq. 4.7).",
+        "",
+        "| setting | value |", "|---|---|",
+        f"| training pairs | {row['pairs']} |",
+        f"| λ (--beta) | {config['beta']} |",
+        f"| loss ℓ | {config['loss_type']} |",
+        f"| learning rate | {row['learning_rate']} |",
+        f"| epochs | {config['num_train_epochs']} |",
+        f"| pairs per step | {config['per_device_train_batch_size'] * config['gradient_accumulation_steps'] * config['world_size']} |",
+        f"| max length / prompt / new tokens | {config['max_length']} / {config['max_prompt_length']} / "
+        f"{config['max_new_tokens']} |",
+        f"| seed | {config['seed']} |",
+        "",
+        f"Training, mean of the last 10 steps: loss {row['loss']:.4f} (first step {row['first_loss']:.4f}), "
+        f"margin {row['margin']:.4f}, reward accuracy {row['reward_accuracy']:.4f}.",
+        "",
+        "Held-out evaluation (prompts never trained on; evaluation.py), this model against the start:",
+        "",
+        "| metric | start | this model |", "|---|---|---|",
+        *[f"| {k} | {fmt(measured[0].get(k, ''))} | {fmt(measured[1][k])} |" for k in keys],
+        "",
+        "The full configuration is the run's config.json:",
+        "",
+        "```json", json.dumps(config, indent=1), "```", "",
+    ]
+    return "\n".join(lines)

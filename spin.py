@@ -33,7 +33,9 @@ from tqdm import tqdm
 import checkpoint
 import data
 import distributed
+import evaluation
 import generate as gen
+import plot
 import report
 from cli import UsageError, go_offline_if_hub_unreachable, load_model, parse_args  # noqa: F401 (the command line)
 from loss import sequence_logps, spin_loss
@@ -79,10 +81,10 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path):
+def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path, on_step=None):
     """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
     Returns (per-step metrics, the DeepSpeed engine or None). Resumes from it/checkpoint when a
-    stopped run left one there."""
+    stopped run left one there. on_step(record) sees every step's metrics (TensorBoard)."""
     model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
@@ -176,6 +178,8 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
                           tokens_per_s=totals[4] / (time.time() - started))
             if args.rank == 0:
                 checkpoint.append_jsonl(metrics_path, [record])
+                if on_step:
+                    on_step(record)
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
@@ -261,6 +265,11 @@ def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.plot:  # python spin.py --plot RUN_DIR
+        if not (Path(args.plot) / "config.json").exists():
+            raise UsageError(f"--plot {args.plot}: not a SPIN run directory (no config.json)")
+        print(f"wrote {plot.draw(Path(args.plot))}")
+        return
     if args.deepspeed and argv is None:
         distributed.exit_if_relaunched(sys.argv)  # plain `python spin.py` on a multi-GPU machine
     distributed.setup(args)
@@ -268,7 +277,7 @@ def main(argv=None) -> None:
         raise UsageError(f"{args.world_size} processes were launched without --deepspeed; pass "
                          f"--deepspeed configs/ds_zero3.json")
     run = Path(args.output_dir)
-    config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank")}
+    config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank", "plot")}
     resuming = (run / "config.json").exists() and not args.overwrite_output_dir
     if resuming:
         try:
@@ -281,12 +290,15 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
     # Model and data first: bad input fails before anything is written to the run directory.
-    go_offline_if_hub_unreachable(args.model, args.dataset)
+    go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, dtype)
     args.pad_token_id = tokenizer.pad_token_id
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn)
+    rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
     if args.max_samples and args.max_samples < len(rows):
         rows = [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.max_samples))]
+    if args.eval_tasks:
+        evaluation.check_tasks(args)
     prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
     cut = sum(len(p) > args.max_prompt_length for p in prompts)
     prompts = [p[-args.max_prompt_length:] for p in prompts]  # from the left, as in training
@@ -295,6 +307,11 @@ def main(argv=None) -> None:
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
           f"--max_length {args.max_length} (trained without EOS)")
+    heldout = {"rows": heldout_rows,
+               "prompts": [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in heldout_rows],
+               "real_ids": [data.encode_response(tokenizer, r["response"]) for r in heldout_rows]}
+    print(f"held-out evaluation: {len(heldout_rows)} prompts that training never sees"
+          + (f"; lm-eval tasks {','.join(args.eval_tasks)}" if args.eval_tasks else ""))
 
     if not resuming and args.rank == 0:
         shutil.rmtree(run, ignore_errors=True)
@@ -311,15 +328,21 @@ def main(argv=None) -> None:
         print(f"resuming {run}: iterations 0..{completed - 1} are complete; continuing from iter{completed - 1}/model")
         _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation, args.trust_remote_code, dtype)
     model.to(distributed.device(args))
-    evaluate = report.toy_evaluator(args) if args.dataset == "toy" and args.rank == 0 else None
+    tracker = report.Tracker(run, args) if args.rank == 0 else None
 
+    # Evaluation runs on rank 0 alone (a whole copy of the model on every rank); the others wait.
     if args.rank == 0 and not (run / "start.json").exists():
-        checkpoint.write_atomic(run / "start.json", json.dumps(
-            {"iteration": "start", **(evaluate(model, tokenizer) if evaluate and not completed else {})}))
+        start = {"iteration": "start", **evaluation.evaluate(model, tokenizer, 0, heldout, args, run)}
+        checkpoint.write_atomic(run / "start.json", json.dumps(start))
     distributed.barrier(args)
-    report.print_header()
-    for path in [run / "start.json"] + [run / f"iter{t}" / "complete.json" for t in range(completed)]:
-        report.print_row(json.loads(path.read_text()))
+    summary = [json.loads((run / "start.json").read_text())] + \
+        [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(completed)]
+    cols = report.columns(summary[0])
+    report.print_header(cols)
+    for row in summary:
+        report.print_row(row, cols)
+    if tracker and not completed:
+        tracker.log_eval(summary[0], 0)
     previous = checkpoint.read_jsonl(run / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
     for t in range(completed, args.iters):
         it = run / f"iter{t}"
@@ -331,9 +354,12 @@ def main(argv=None) -> None:
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
         attach_opponent_logps(model, train_pairs, t, args, it)
+        if args.rank == 0:  # what a stopped run measured of θ_{t+1} is stale: training runs again below
+            for stale in (run / "eval" / f"model{t + 1}.jsonl", run / "eval" / f"lm_eval_model{t + 1}.json"):
+                stale.unlink(missing_ok=True)
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history, engine = train(model, train_pairs, lr, t, args, it)  # θ_{t+1}; the model is now the policy
-        distributed.save_model(engine, model, tokenizer, it / "model", args)
+        history, engine = train(model, train_pairs, lr, t, args, it, on_step=tracker.log_step if tracker else None)
+        distributed.save_model(engine, model, tokenizer, it / "model", args)  # θ_{t+1}
         # The next opponent is θ_{t+1} exactly as saved: a whole copy again, also after ZeRO-3 partitioned it.
         del engine, model
         _, model = load_model(str(it / "model"), args.attn_implementation, args.trust_remote_code, dtype)
@@ -344,21 +370,30 @@ def main(argv=None) -> None:
                                    args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1))
             row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
                    **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
-                   "ended": sum(p["ended"] for p in pairs) / len(pairs), **(evaluate(model, tokenizer) if evaluate else {}),
+                   "ended": sum(p["ended"] for p in pairs) / len(pairs),
+                   **evaluation.evaluate(model, tokenizer, t + 1, heldout, args, run),
                    "seconds": round(time.time() - started, 1),
                    "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
+            checkpoint.write_atomic(it / "model" / "README.md", report.model_card(config, row, summary[0]))
             checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
             checkpoint.clean(it)
-            report.print_row(row)
+            report.print_row(row, cols)
+            summary.append(row)
+            tracker.log_eval(row, t + 1)
+            report.write_evaluation(run, summary)
+            plot.draw(run)
         distributed.barrier(args)
         previous = pairs
-    summary = [json.loads((run / "start.json").read_text())] + \
-        [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(args.iters)]
     if args.rank == 0:
+        summary = [json.loads((run / "start.json").read_text())] + \
+            [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(args.iters)]
         checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
-    showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
-                "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
-    report.print_summary(summary, showcase, run)
+        report.write_evaluation(run, summary)
+        plot.draw(run)
+        tracker.close()
+        showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
+                    "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
+        report.print_summary(summary, showcase, run)
 
 
 def cli(argv=None) -> int:

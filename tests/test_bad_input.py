@@ -81,6 +81,14 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "missing deepspeed config": (["--deepspeed", "{dir}/nope.json"], "--deepspeed {dir}/nope.json: no such file"),
     "global batch that does not divide": (["--global_batch_size", "10", "--per_device_train_batch_size", "4"],
                                           "--global_batch_size 10 is not --per_device_train_batch_size 4"),
+    "--eval_samples -1": (["--eval_samples", "-1"], "--eval_samples must be 0 (no held-out evaluation) or more"),
+    "--eval_limit 0": (["--eval_limit", "0"], "--eval_limit must be at least 1"),
+    "unknown lm-eval task": (["--eval_tasks", "toy_sum,no_such_task"], "--eval_tasks: unknown lm-eval task 'no_such_task'"),
+    "missing lm-eval task directory": (["--eval_include_path", "{dir}/nope"], "--eval_include_path {dir}/nope: no such"),
+    "unknown --report_to": (["--report_to", "wandb"], "argument --report_to: invalid choice"),
+    "unreachable eval data set": (["--eval_dataset", "nobody-here/no-data"], "--eval_dataset nobody-here/no-data: not a "
+                                                                             "local file and could not be loaded"),
+    "bad eval row": (["--eval_dataset", "{torn}"], "line 2 is not valid JSON"),
     "output_dir that is not a run": (["--output_dir", "{dir}/not-a-run"], "is a non-empty directory that is not a SPIN run"),
 }
 

@@ -99,7 +99,7 @@ def test_bad_rows_name_the_row(tmp_path, record, message):
     path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(data.DataError) as error:
         data.load_rows(str(path))
-    assert str(error.value).startswith(message)
+    assert str(error.value).startswith(f"--dataset {path}, {message}")  # the flag, the file, the row
 
 
 def test_toy_rows_follow_p_data():

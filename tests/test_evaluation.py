@@ -1,0 +1,194 @@
+"""Issue 6: held-out evaluation, lm-evaluation-harness, the plot, TensorBoard, model cards."""
+import copy
+import json
+import math
+import struct
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import evaluation
+import generate
+import plot
+import spin
+import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--dataset", "toy", "--max_samples", "200", "--per_device_train_batch_size", "32", "--num_train_epochs", "1",
+         "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48", "--max_prompt_length", "32",
+         "--max_new_tokens", "12", "--generation_batch_size", "200", "--quiet"]
+
+
+def eval_args(pad_token_id, **overrides):
+    return Namespace(**{**dict(max_new_tokens=12, greedy=False, temperature=1.0, top_p=1.0, generation_batch_size=7,
+                               seed=3, quiet=True, per_device_train_batch_size=5, max_prompt_length=32, max_length=48,
+                               pad_token_id=pad_token_id, bf16=False, beta=0.7, loss_type="logistic"), **overrides})
+
+
+def logp_one_by_one(model, prompt_ids, response_ids):
+    """log p(response|prompt) the plain way: one unpadded sequence, a full log_softmax, a loop."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)  # (T, V)
+    return sum(logprobs[len(prompt_ids) + i - 1, token].item() for i, token in enumerate(response_ids))
+
+
+def test_heldout_numbers_equal_an_independent_computation(tokenizer, small_sft_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(small_sft_model).eval()  # θ_{s−1}
+    after = copy.deepcopy(before)  # θ_s: the same model, moved a little
+    torch.manual_seed(5)
+    after.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in before.state_dict().items()})
+    rows = toy.make_rows("test")[:17]
+    heldout = {"rows": rows, "prompts": [data.render_prompt(tokenizer, r["messages"]) for r in rows],
+               "real_ids": [data.encode_response(tokenizer, r["response"]) for r in rows]}
+    args = eval_args(tokenizer.pad_token_id)
+    first = evaluation.sample_and_score(before, tokenizer, heldout, 0, None, args, tmp_path / "model0.jsonl")
+    second = evaluation.sample_and_score(after, tokenizer, heldout, 1, first, args, tmp_path / "model1.jsonl")
+    got = evaluation.metrics(second, first, args.beta, args.loss_type)
+
+    x, y = heldout["prompts"], heldout["real_ids"]
+    y0 = [r["generated_ids"] for r in first]
+    assert y0 == [g["generated_ids"] for g in generate.generate(before, tokenizer, x, 12, True, 1.0, 1.0, 7, 3 + 500_000)]
+    real_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y)]
+    real_before = [logp_one_by_one(before, p, r) for p, r in zip(x, y)]
+    generated_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y0)]
+    generated_before = [logp_one_by_one(before, p, r) for p, r in zip(x, y0)]
+    margins = [0.7 * ((a - b) - (c - d)) for a, b, c, d in zip(real_now, real_before, generated_now, generated_before)]
+    n = len(rows)
+    assert got["eval_loss"] == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / n, abs=1e-5)
+    assert got["eval_margin"] == pytest.approx(sum(margins) / n, abs=1e-4)
+    assert got["eval_real_reward"] == pytest.approx(0.7 * sum(a - b for a, b in zip(real_now, real_before)) / n, abs=1e-4)
+    assert got["eval_reward_accuracy"] == sum(m > 0 for m in margins) / n
+    assert 0 < got["eval_reward_accuracy"] < 1  # the test can tell right from wrong
+    assert got["eval_real_logp"] == pytest.approx(sum(real_now) / n, abs=1e-4)
+    assert got["eval_real_logp_per_token"] == pytest.approx(sum(real_now) / sum(map(len, y)), abs=1e-5)
+    assert got["eval_real_length"] == sum(map(len, y)) / n
+    assert got["eval_generated_length"] == sum(len(r["generated_ids"]) for r in second) / n
+    assert got["eval_ended"] == sum(tokenizer.eos_token_id in r["generated_ids"] for r in second) / n
+    assert "eval_loss" not in evaluation.metrics(first, None, 0.7, "logistic")  # θ_0 has no opponent
+
+
+def test_heldout_rows_are_taken_out_of_the_training_data():
+    rows = [{"id": i, "messages": [], "response": str(i)} for i in range(95)]
+    args = Namespace(eval_samples=200, eval_dataset=None, dataset="mine.jsonl", seed=1)
+    train, held = evaluation.heldout_rows(rows, args)
+    assert len(held) == 9 and len(train) == 86  # at most a tenth
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    assert held == evaluation.heldout_rows(rows, args)[1]  # a function of --seed
+    assert evaluation.heldout_rows(rows, Namespace(**{**vars(args), "eval_samples": 0})) == (rows, [])
+    toy_args = Namespace(eval_samples=50, eval_dataset=None, dataset="toy", eval_split="test", turn="first", seed=1)
+    train, held = evaluation.heldout_rows(rows, toy_args)
+    assert train is rows and len(held) == 50
+    assert {r["messages"][0]["content"] for r in held} <= {r["messages"][0]["content"] for r in toy.make_rows("test")}
+
+
+def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(small_sft_model, tmp_path):
+    """A task made here over a local data file: half its targets are the model's own greedy answers
+    (from generate.py), half are not, so the real harness must report exactly 0.5."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
+    model = AutoModelForCausalLM.from_pretrained(small_sft_model).eval()
+    questions = [r["messages"][0]["content"] for r in toy.make_rows("test")[:40]]
+    prompts = [data.render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    answers = [a["text"] for a in generate.generate(model, tokenizer, prompts, 16, do_sample=False, batch_size=40)]
+    docs = [{"question": q, "answer": a if i % 2 == 0 else a + "!"} for i, (q, a) in enumerate(zip(questions, answers))]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks" / "echo.yaml").write_text((ROOT / "evals" / "toy_sum" / "toy_sum.yaml").read_text()
+        .replace("task: toy_sum", "task: spin_test_echo")
+        .replace("custom_dataset: !function utils.load", f"dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                 f"    test: {tmp_path / 'tasks' / 'docs.jsonl'}"))
+    args = eval_args(tokenizer.pad_token_id, eval_tasks=["spin_test_echo"], eval_limit=None,
+                     eval_include_path=str(tmp_path / "tasks"), generation_batch_size=16)
+    scores = evaluation.lm_eval_scores(model, tokenizer, args, tmp_path / "lm_eval.json")
+    assert scores == {"spin_test_echo/exact_match": 0.5}
+    saved = json.loads((tmp_path / "lm_eval.json").read_text())
+    assert saved["results"]["spin_test_echo"]["sample_len"] == 40
+
+
+@pytest.fixture(scope="module")
+def run(small_sft_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert spin.cli(["--model", str(small_sft_model), "--iters", "2", "--output_dir", str(out), "--eval_samples", "40",
+                     "--report_to", "tensorboard", "--eval_tasks", "toy_sum", "--eval_limit", "30", *SMALL]) == 0
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_model_has_a_row_of_heldout_numbers(run):
+    rows = read_jsonl(run / "evaluation.jsonl")
+    assert [(r["model"], r["path"]) for r in rows] == [(0, "start"), (1, "iter0/model"), (2, "iter1/model")]
+    assert all(r["eval_prompts"] == 40 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert "eval_loss" not in rows[0] and all("eval_loss" in r for r in rows[1:])
+    for s, row in enumerate(rows):  # the shipped lm-eval task, run on every model
+        saved = json.loads((run / "eval" / f"lm_eval_model{s}.json").read_text())["results"]["toy_sum"]
+        assert saved["sample_len"] == 30 and row["toy_sum/exact_match"] == saved["exact_match,none"]
+    for s in (1, 2):  # the rows are what the saved samples give
+        samples, previous = read_jsonl(run / "eval" / f"model{s}.jsonl"), read_jsonl(run / "eval" / f"model{s - 1}.jsonl")
+        for key, value in evaluation.metrics(samples, previous, 1.0, "logistic").items():
+            assert rows[s][key] == pytest.approx(value)
+    iterations = read_jsonl(run / "iterations.jsonl")
+    assert [r["eval_loss"] for r in iterations] == [r["eval_loss"] for r in rows[1:]]
+
+
+def test_the_plot_gets_every_step_and_every_model(run):
+    steps = read_jsonl(run / "iter0" / "metrics.jsonl") + read_jsonl(run / "iter1" / "metrics.jsonl")
+    rows = read_jsonl(run / "evaluation.jsonl")
+    panels = plot.panels(run)
+    assert list(panels) == ["SPIN loss (training)", "rewards λ·log p_θ/p_θt (training)", "margin (training)",
+                            "held-out SPIN (θ_s against θ_s−1)", "held-out log p(y|x) per token", "task metrics"]
+    assert panels["SPIN loss (training)"]["series"]["loss"] == (list(range(len(steps))), [m["loss"] for m in steps])
+    assert panels["SPIN loss (training)"]["starts"] == [0, 7]
+    assert panels["rewards λ·log p_θ/p_θt (training)"]["series"]["generated_reward"][1] == \
+        [m["generated_reward"] for m in steps]
+    assert panels["margin (training)"]["series"]["margin"][1] == [m["margin"] for m in steps]
+    assert panels["held-out SPIN (θ_s against θ_s−1)"]["series"]["eval_loss"] == ([1, 2], [r["eval_loss"] for r in rows[1:]])
+    assert panels["task metrics"]["series"]["tv_distance"] == ([0, 1, 2], [r["tv_distance"] for r in rows])
+    png = (run / "spin.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (1500, 720)  # 3 × 2 panels at 100 dpi
+    (run / "spin.png").unlink()
+    assert spin.cli(["--plot", str(run)]) == 0 and (run / "spin.png").read_bytes()[:8] == png[:8]
+
+
+def test_plot_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
+    assert spin.cli(["--plot", str(tmp_path)]) == 2
+    assert "not a SPIN run directory" in capsys.readouterr().err
+    assert not (tmp_path / "spin.png").exists()
+
+
+def test_tensorboard_event_files_hold_every_step_and_every_evaluation(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = read_jsonl(run / "iter0" / "metrics.jsonl") + read_jsonl(run / "iter1" / "metrics.jsonl")
+    rows = read_jsonl(run / "evaluation.jsonl")
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(len(steps)))
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in steps], rel=1e-6)  # stored as float32
+    assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([m["learning_rate"] for m in steps])
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == \
+        [(7, pytest.approx(rows[1]["eval_loss"], rel=1e-6)), (len(steps), pytest.approx(rows[2]["eval_loss"], rel=1e-6))]
+    assert [e.step for e in events.Scalars("eval/tv_distance")] == [0, 7, len(steps)]
+
+
+def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
+    row = read_jsonl(run / "iterations.jsonl")[1]
+    card = (run / "iter1" / "model" / "README.md").read_text()
+    assert card.startswith("---\n") and "tags: [spin, self-play-fine-tuning]" in card
+    assert "# SPIN iteration 1: θ_2" in card and "The opponent of this iteration was iter0/model" in card
+    for line in ["| training pairs | 400 |", "| λ (--beta) | 1.0 |", "| learning rate | 0.0001 |", "| epochs | 1 |",
+                 f"| eval_loss |  | {row['eval_loss']:.4f} |", f"| tv_distance | ", f"{row['tv_distance']:.4f} |"]:
+        assert line in card
+    config = json.loads(card.split("```json\n")[1].split("```")[0])
+    assert config == json.loads((run / "config.json").read_text())
