@@ -34,7 +34,8 @@ from tqdm import tqdm
 import checkpoint
 import data
 import generate as gen
-from loss import sequence_logps, spin_loss
+from logps import batch_logps
+from loss import spin_loss
 
 
 def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
@@ -64,9 +65,7 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], args, des
         sequences = [data.build_sequence(p, r, args.max_prompt_length, args.max_length)
                      for p, r in zip(prompts[start:start + size], responses[start:start + size])]
         batch = {k: v.to(device) for k, v in data.collate(sequences, args.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        logps = sequence_logps(logits, batch["labels"]).tolist()
+        logps = batch_logps(model, batch, args.bf16).tolist()
         tokens = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum(dim=1).tolist()
         out += list(zip(logps, tokens))
     return out

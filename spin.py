@@ -38,7 +38,8 @@ import generate as gen
 import plot
 import report
 from cli import UsageError, go_offline_if_hub_unreachable, load_model, parse_args  # noqa: F401 (the command line)
-from loss import sequence_logps, spin_loss
+from logps import batch_logps
+from loss import spin_loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,9 +52,7 @@ def pair_logps(model, pairs: list[dict], args) -> tuple[torch.Tensor, torch.Tens
     sequences = [data.build_sequence(p["prompt_ids"], p[key], args.max_prompt_length, args.max_length)
                  for key in ("real_ids", "generated_ids") for p in pairs]
     batch = {k: v.to(device) for k, v in data.collate(sequences, args.pad_token_id).items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-    logps = sequence_logps(logits, batch["labels"])  # (2B,)
+    logps = batch_logps(model, batch, args.bf16)  # (2B,) logits at response positions only (logps.py)
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
@@ -331,7 +330,8 @@ def main(argv=None) -> None:
     tracker = report.Tracker(run, args) if args.rank == 0 else None
 
     # Evaluation runs on rank 0 alone (a whole copy of the model on every rank); the others wait.
-    if args.rank == 0 and not (run / "start.json").exists():
+    measure_start = args.rank == 0 and not (run / "start.json").exists()
+    if measure_start:
         start = {"iteration": "start", **evaluation.evaluate(model, tokenizer, 0, heldout, args, run)}
         checkpoint.write_atomic(run / "start.json", json.dumps(start))
     distributed.barrier(args)
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
     report.print_header(cols)
     for row in summary:
         report.print_row(row, cols)
-    if tracker and not completed:
+    if tracker and measure_start:  # logged once: a resumed run's first new event is a redone step
         tracker.log_eval(summary[0], 0)
     previous = checkpoint.read_jsonl(run / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
     for t in range(completed, args.iters):

@@ -1,17 +1,28 @@
-"""Peak memory and time of loss.sequence_logps (response positions only, logsumexp, no (B, T, V)
-log_softmax) against the naive full float32 log_softmax over (B, T, V), forward + backward, at
-Mistral's vocabulary (V = 32,000) and the recipe's length (T = 1,024), half of each sequence prompt.
+"""Memory and time of the project's log-prob path against the naive one, from the model's last
+hidden states to (B,) sequence log-probs, forward + backward, at Mistral's vocabulary (V = 32,000)
+and the recipe's length (T = 1,024), the first half of each sequence prompt.
 
-    python benchmarks/logprobs.py            # B=4, T=1024, V=32000, float32 and bfloat16 logits
+    naive: logits at every position (B, T, V), float32 log_softmax over all of them, gather.
+    lean:  logits at response positions only (N, V) (logps.batch_logps does this inside the model's
+           forward), then loss.TokenLogps: float32 logsumexp in chunks, softmax recomputed in backward,
+           the gradient written over the logits.
+
+    python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000; float32 and bfloat16
     python benchmarks/logprobs.py --quick    # small sizes: what CI runs to check that it runs
 
-Memory is what autograd keeps between the forward and the backward (the part that grows with
-B·T·V and sets the peak of a training step): the bytes of the distinct tensors saved for backward,
-counted with torch.autograd.graph.saved_tensors_hooks, beyond the logits themselves, which both paths
-keep anyway. Exact and the same on any machine. Time: forward + backward on this CPU, median of
---repeats runs.
+Two memory measures, both beyond the inputs (hidden states, head weight, their gradients):
+  saved:  bytes of the distinct tensors autograd keeps between forward and backward, counted with
+          torch.autograd.graph.saved_tensors_hooks. Exact, the same on any machine.
+  peak:   the process's peak resident memory during one forward + backward, above what it held
+          before (each path in a fresh subprocess, after one warm-up pass, with Linux's peak counter
+          reset; glibc returns large blocks to the OS, so this follows the live tensors). Includes
+          the transient tensors: gradients of the logits, the float32 chunk, GEMM workspaces.
+Time: forward + backward on this CPU, median of --repeats runs.
 """
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,47 +30,86 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from loss import IGNORE_INDEX, sequence_logps  # noqa: E402
+from loss import IGNORE_INDEX, response_logps  # noqa: E402
 
 
-def naive_sequence_logps(logits, labels):
+def naive(hidden, weight, labels):
     """The textbook path: float32 log_softmax over every position and the whole vocabulary."""
-    logits, labels = logits[:, :-1, :], labels[:, 1:]
+    logits = F.linear(hidden, weight)[:, :-1]  # (B, T-1, V)
+    labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     log_probs = logits.float().log_softmax(-1)  # (B, T-1, V) float32
     return (log_probs.gather(2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2) * mask).sum(-1)
 
 
-def inputs(b, t, v, dtype, seed=0):
+def lean(hidden, weight, labels):
+    """What logps.batch_logps and loss.response_logps compute, with the head written out."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    positions = F.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
+    logits = F.linear(hidden[positions], weight)  # (N, V)
+    return response_logps(logits, labels[:, 1:][mask], mask, overwrite=True)
+
+
+PATHS = {"naive": naive, "lean": lean}
+
+
+def inputs(b, t, h, v, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, t, v, generator=generator).to(dtype).requires_grad_(True)
+    hidden = torch.randn(b, t, h, generator=generator).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=generator) / h ** 0.5).to(dtype).requires_grad_(True)
     labels = torch.randint(v, (b, t), generator=generator)
     labels[:, : t // 2] = IGNORE_INDEX  # the prompt half
-    return logits, labels
+    return hidden, weight, labels
 
 
-def saved_bytes(function, logits, labels) -> int:
-    """Bytes of the distinct tensors autograd saves for backward, other than the logits."""
+def saved_bytes(function, hidden, weight, labels) -> int:
+    """Bytes of the distinct tensors autograd saves for backward, other than the inputs."""
+    inputs_ = {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() != logits.untyped_storage().data_ptr():
+        if storage.data_ptr() not in inputs_:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        function(logits, labels)
+        function(hidden, weight, labels)
     return sum(storages.values())
 
 
-def seconds(function, logits, labels, repeats) -> float:
+def resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_worker(path: str, sizes: list[int], dtype: str) -> None:
+    """In a fresh process: peak resident bytes of one forward + backward above the inputs."""
+    hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
+    PATHS[path](hidden, weight, labels).sum().backward()  # warm-up: first-call allocations, the gradients
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak resident size (VmHWM) to the current one
+    before = resident()
+    PATHS[path](hidden, weight, labels).sum().backward()
+    with open("/proc/self/status") as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps(peak_kib * 1024 - before))
+
+
+def peak_bytes(path: str, sizes: list[int], dtype: str) -> int:
+    out = subprocess.run([sys.executable, __file__, "--peak_worker", path, dtype, *map(str, sizes)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def seconds(function, hidden, weight, labels, repeats) -> float:
     times = []
     for _ in range(repeats):
-        logits.grad = None
+        hidden.grad = weight.grad = None
         started = time.perf_counter()
-        function(logits, labels).sum().backward()
+        function(hidden, weight, labels).sum().backward()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 
@@ -68,22 +118,26 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak_worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    b, t, v = (2, 64, 1000) if args.quick else (4, 1024, 32000)
+    if args.peak_worker:
+        path, dtype, *sizes = args.peak_worker
+        return peak_worker(path, [int(s) for s in sizes], dtype)
+    sizes = [2, 64, 16, 1000] if args.quick else [4, 1024, 256, 32000]
     repeats = 1 if args.quick else args.repeats
-    print(f"B={b} T={t} V={v}, the first half of each sequence prompt; forward + backward on the CPU")
-    print("| logits dtype | naive saved MiB | lean saved MiB | memory ratio | naive s | lean s | time ratio | "
-          "max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("B={} T={} H={} V={}, the first half of each sequence prompt; forward + backward on the CPU".format(*sizes))
+    print("| dtype | naive saved MiB | lean saved MiB | saved ratio | naive peak MiB | lean peak MiB | peak ratio | "
+          "naive s | lean s | time ratio | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in ("float32", "bfloat16"):
-        logits, labels = inputs(b, t, v, getattr(torch, dtype))
+        hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
         with torch.no_grad():
-            diff = (sequence_logps(logits, labels) - naive_sequence_logps(logits, labels)).abs().max().item()
-        memory = {name: saved_bytes(f, logits, labels) / 2**20 for name, f in
-                  (("naive", naive_sequence_logps), ("lean", sequence_logps))}
-        time_s = {name: seconds(f, logits, labels, repeats) for name, f in
-                  (("naive", naive_sequence_logps), ("lean", sequence_logps))}
-        print(f"| {dtype} | {memory['naive']:.0f} | {memory['lean']:.0f} | {memory['lean'] / memory['naive']:.2f} | "
+            diff = (lean(hidden, weight, labels) - naive(hidden, weight, labels)).abs().max().item()
+        saved = {name: saved_bytes(f, hidden, weight, labels) / 2**20 for name, f in PATHS.items()}
+        peak = {name: peak_bytes(name, sizes, dtype) / 2**20 for name in PATHS}
+        time_s = {name: seconds(f, hidden, weight, labels, repeats) for name, f in PATHS.items()}
+        print(f"| {dtype} | {saved['naive']:.0f} | {saved['lean']:.0f} | {saved['lean'] / saved['naive']:.2f} | "
+              f"{peak['naive']:.0f} | {peak['lean']:.0f} | {peak['lean'] / max(peak['naive'], 1e-9):.2f} | "
               f"{time_s['naive']:.3f} | {time_s['lean']:.3f} | {time_s['lean'] / time_s['naive']:.2f} | {diff:.1e} |",
               flush=True)
 

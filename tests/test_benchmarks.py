@@ -1,4 +1,4 @@
-"""benchmarks/logprobs.py in its quick mode, and the memory property it measures, exactly."""
+"""The benchmarks in their quick modes, and the memory property benchmarks/logprobs.py measures, exactly."""
 import subprocess
 import sys
 from pathlib import Path
@@ -9,22 +9,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import logprobs  # noqa: E402
-from loss import sequence_logps  # noqa: E402
 
 
-def test_the_quick_benchmark_runs_and_prints_its_table():
+def test_the_quick_logprobs_benchmark_runs_and_prints_its_table():
     result = subprocess.run([sys.executable, "benchmarks/logprobs.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n| float32 |") == 1 and result.stdout.count("\n| bfloat16 |") == 1
 
 
-def test_lean_log_probs_keep_only_the_response_positions_for_backward():
-    b, t, v = 2, 64, 1000
-    logits, labels = logprobs.inputs(b, t, v, torch.float32)
+def test_lean_log_probs_keep_only_the_response_logits_for_backward():
+    b, t, h, v = 2, 64, 16, 1000
+    hidden, weight, labels = logprobs.inputs(b, t, h, v, torch.float32)
     responses = int((labels[:, 1:] != -100).sum())  # 2 × 32 of the 2 × 63 scored positions
-    lean = logprobs.saved_bytes(sequence_logps, logits, labels)
-    # the (N, V) float32 response logits, plus per-position vectors (mask, indices, logsumexp): < 8 KiB here
-    assert responses * v * 4 <= lean < responses * v * 4 + 8192
-    assert logprobs.saved_bytes(logprobs.naive_sequence_logps, logits, labels) >= b * (t - 1) * v * 4
-    assert torch.allclose(sequence_logps(logits, labels), logprobs.naive_sequence_logps(logits, labels), atol=1e-4)
+    lean = logprobs.saved_bytes(logprobs.lean, hidden, weight, labels)
+    # the (N, V) response logits in their own dtype, plus (N, H) hidden rows and per-position vectors
+    assert responses * v * 4 <= lean < responses * (v + h) * 4 + 8192
+    assert logprobs.saved_bytes(logprobs.naive, hidden, weight, labels) >= b * (t - 1) * v * 4
+    assert torch.allclose(logprobs.lean(hidden, weight, labels), logprobs.naive(hidden, weight, labels), atol=1e-4)
+
+
+def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
+    """Quick mode; the first-step loss and rewards of spin.train and TRL's DPOTrainer, policy ≠ opponent."""
+    result = subprocess.run([sys.executable, "benchmarks/trl_compare.py", "--quick"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "agree to 1e-5: yes" in result.stdout
+    diffs = [float(line.split("|diff|")[1]) for line in result.stdout.splitlines() if "|diff|" in line]
+    assert len(diffs) == 3 and max(diffs) < 1e-5
+    assert all(f"\n| {v} |" in result.stdout for v in ("spin", "trl", "trl_precompute"))
+
+
+def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens():
+    result = subprocess.run([sys.executable, "benchmarks/generation.py", "--quick"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same tokens from both: yes" in result.stdout
+    assert "\n| data-set order |" in result.stdout and "\n| generate.py |" in result.stdout

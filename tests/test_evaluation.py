@@ -192,3 +192,18 @@ def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
         assert line in card
     config = json.loads(card.split("```json\n")[1].split("```")[0])
     assert config == json.loads((run / "config.json").read_text())
+
+
+def test_a_continued_run_extends_the_tensorboard_steps_without_repeating_any(small_sft_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["--model", str(small_sft_model), "--output_dir", str(tmp_path), "--eval_samples", "10",
+            "--report_to", "tensorboard", *SMALL]
+    assert spin.cli(argv + ["--iters", "1"]) == 0
+    assert spin.cli(argv + ["--iters", "2"]) == 0  # resumes: iteration 0 is complete, iteration 1 runs
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = read_jsonl(tmp_path / "iter0" / "metrics.jsonl") + read_jsonl(tmp_path / "iter1" / "metrics.jsonl")
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(len(steps)))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/real_logp")] == [0, 7, len(steps)]
