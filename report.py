@@ -61,9 +61,10 @@ def write_evaluation(run: Path, summary: list[dict]) -> None:
 class Tracker:
     """TensorBoard event files in <run>/tensorboard when --report_to tensorboard; otherwise nothing.
 
-    One step axis for everything: optimizer steps since the start of the run. Model θ_s's held-out
-    numbers are logged at the step that finished it. A resumed run purges what the stopped one
-    logged from its first new step on, so a redone step is not shown twice."""
+    One step axis for everything: optimizer steps done since the start of the run. Training step k
+    of an iteration is logged once it is done (offset + k + 1); model θ_s's held-out numbers at the
+    step that finished it (θ_0 at 0). A resumed run purges what the stopped one logged from its first
+    new event on (TensorBoard's purge_step), so a redone step is not shown twice."""
 
     def __init__(self, run: Path, args):
         self.run, self.enabled, self.writer = run, args.report_to == "tensorboard", None
@@ -84,7 +85,7 @@ class Tracker:
 
     def log_step(self, record: dict) -> None:
         keys = ("loss", "real_reward", "generated_reward", "margin", "reward_accuracy", "learning_rate", "grad_norm")
-        self.scalars({f"train/{k}": record[k] for k in keys}, self.offset(record["iteration"]) + record["step"])
+        self.scalars({f"train/{k}": record[k] for k in keys}, self.offset(record["iteration"]) + record["step"] + 1)
 
     def log_eval(self, row: dict, s: int) -> None:
         [values] = evaluation_rows([row])

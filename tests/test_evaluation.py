@@ -174,7 +174,7 @@ def test_tensorboard_event_files_hold_every_step_and_every_evaluation(run):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     loss = events.Scalars("train/loss")
-    assert [e.step for e in loss] == list(range(len(steps)))
+    assert [e.step for e in loss] == list(range(1, len(steps) + 1))  # optimizer steps done
     assert [e.value for e in loss] == pytest.approx([m["loss"] for m in steps], rel=1e-6)  # stored as float32
     assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([m["learning_rate"] for m in steps])
     assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == \
@@ -204,6 +204,6 @@ def test_a_continued_run_extends_the_tensorboard_steps_without_repeating_any(sma
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     steps = read_jsonl(tmp_path / "iter0" / "metrics.jsonl") + read_jsonl(tmp_path / "iter1" / "metrics.jsonl")
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(len(steps)))
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, len(steps) + 1))
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
     assert [e.step for e in events.Scalars("eval/real_logp")] == [0, 7, len(steps)]

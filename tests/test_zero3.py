@@ -15,9 +15,10 @@ ENV = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")
 FLAGS = ["--dataset", "toy", "--max_samples", "64", "--iters", "2", "--num_train_epochs", "1", "--learning_rate", "1e-4",
          "--beta", "1", "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "12", "--greedy", "--quiet"]
 # Tolerance: the two ranks' gradients are summed by an all-reduce, in another order than one process
-# sums them, so float32 results differ in the last bits; measured 1.6e-6 on the first iteration's
-# losses, growing to 2.5e-4 by the second iteration's last steps (RMSProp divides by √v, amplifying).
-TOLERANCE = 1e-3
+# sums them, so float32 results differ in the last bits. Measured (since logits are computed at
+# response positions only): at most 3.6e-6 over the first iteration's losses; in the second,
+# RMSProp (dividing by √v) amplifies them to at most 1.2e-3 mid-iteration, 7e-6 at its last step.
+TOLERANCE = {0: 1e-5, 1: 2e-3}
 
 
 
@@ -58,7 +59,7 @@ def test_zero3_follows_the_single_process_loss_trajectory(runs):
         a, b = read_jsonl(zero3 / f"iter{t}" / "metrics.jsonl"), read_jsonl(single / f"iter{t}" / "metrics.jsonl")
         assert len(a) == len(b) == (8 if t == 0 else 16)
         assert a[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
-        assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=TOLERANCE)
+        assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=TOLERANCE[t])
 
 
 def test_zero3_checkpoints_load_with_from_pretrained_and_match(runs):
@@ -70,7 +71,7 @@ def test_zero3_checkpoints_load_with_from_pretrained_and_match(runs):
         a = load_file(zero3 / f"iter{t}" / "model" / "model.safetensors")
         b = load_file(single / f"iter{t}" / "model" / "model.safetensors")
         assert a.keys() == b.keys()
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < TOLERANCE
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3  # measured 5.4e-5 before logps.py
 
 
 def test_the_saved_checkpoint_equals_the_gathered_zero3_parameters(small_sft_model, tmp_path):
