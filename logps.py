@@ -21,7 +21,7 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     labels = batch["labels"]  # (B, T)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is a response token
     positions = torch.nn.functional.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
-    head = (getattr(model, "module", model)).get_output_embeddings()  # a DeepSpeed engine wraps the model
+    head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
 
     def only_response_positions(module, inputs):
         hidden = inputs[0]  # (B, T, H)

@@ -68,9 +68,13 @@ class Tracker:
 
     def __init__(self, run: Path, args):
         self.run, self.enabled, self.writer = run, args.report_to == "tensorboard", None
+        self.steps = {}  # iteration -> its optimizer steps, read once: an earlier iteration is complete
 
     def offset(self, iteration: int) -> int:  # optimizer steps of the iterations before this one
-        return sum(len(checkpoint.read_jsonl(self.run / f"iter{i}" / "metrics.jsonl")) for i in range(iteration))
+        for i in range(iteration):
+            if i not in self.steps:
+                self.steps[i] = len(checkpoint.read_jsonl(self.run / f"iter{i}" / "metrics.jsonl"))
+        return sum(self.steps[i] for i in range(iteration))
 
     def scalars(self, values: dict, step: int) -> None:
         if not self.enabled:

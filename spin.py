@@ -385,8 +385,7 @@ def main(argv=None) -> None:
         distributed.barrier(args)
         previous = pairs
     if args.rank == 0:
-        summary = [json.loads((run / "start.json").read_text())] + \
-            [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(args.iters)]
+        summary = summary[:args.iters + 1]  # a run directory may hold more iterations than --iters asks for
         checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
         report.write_evaluation(run, summary)
         plot.draw(run)
