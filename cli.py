@@ -1,4 +1,4 @@
-"""The command line of spin.py: flags, recipe resolution, validation, and model loading.
+"""The command line of spin.py: flags, recipe resolution and validation.
 
 Flags use the names Hugging Face users know (--learning_rate, --per_device_train_batch_size, ...).
 Every flag defaults to None so that "given" can be told from "not given": DEFAULTS, then the
@@ -6,12 +6,14 @@ recipe named by --model (recipes.py), then the flags given, win in that order. B
 refused here, before anything is loaded or written, with one line naming the flag.
 """
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
 
 import distributed
+from data import first_line
 from recipes import DEFAULTS, RECIPES
 
 
@@ -24,6 +26,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="SPIN, Self-Play Fine-Tuning (arXiv 2401.01335): Algorithm 1, all iterations")
     g = p.add_argument_group("model and data")
@@ -33,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_samples", type=int, help="number of prompts, sampled with --seed (default: all)")
     g.add_argument("--turn", choices=["first", "last"], default="first",
                    help="which assistant reply of a conversation is the human response (paper: first)")
+    g.add_argument("--system_prompt", help="insert a system turn with this text (\"\" for an empty one) before "
+                   "conversations that have none (recipe zephyr-7b-sft-full: \"\", as alignment-handbook trained it)")
+    g.add_argument("--chat_template_kwargs", type=json_object, metavar="JSON",
+                   help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)")
     g.add_argument("--output_dir", help="the run directory (default: runs/<model name>)")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an existing run directory instead of resuming it")
@@ -154,50 +170,21 @@ def validate(args) -> None:
 def go_offline_if_hub_unreachable(*names: str) -> None:
     """Without network, huggingface_hub retries each request for ~30 s before giving up. A 3 s probe
     instead: when the Hub cannot be reached, switch to offline mode, so cached models still load
-    and anything else fails at once with the message of load_model or data.load_rows."""
+    and anything else fails at once with the message of models.load_model or data.load_rows.
+
+    The probe is an HTTP request through huggingface_hub's own client, so it goes where the
+    downloads would go: through HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (and past NO_PROXY) on a
+    cluster whose only way out is a proxy."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n == "toy" or Path(n).exists() for n in names):
         return
-    import socket
-    from urllib.parse import urlparse
-
+    import huggingface_hub
     import huggingface_hub.constants
 
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    endpoint = huggingface_hub.constants.ENDPOINT
     try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        print(f"note: {host} cannot be reached; using only locally cached models and data sets")
+        huggingface_hub.get_session().head(endpoint, timeout=3)  # any HTTP answer, even an error status, is "reachable"
+    except Exception as e:  # httpx's ConnectError, ProxyError, timeouts: no answer
+        print(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally cached "
+              f"models and data sets")
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """(tokenizer, model) from 'toy', a local directory or a hub id; safetensors weights only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
-    if name == "toy":
-        import toy
-
-        name = str(toy.sft_model_path())
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if Path(name).exists():
-            raise UsageError(f"--model {name} is not a model directory with safetensors weights "
-                             f"({first_line[:200]})") from None
-        raise UsageError(f"--model {name} could not be loaded from the Hugging Face Hub ({first_line[:200]}); "
-                         f"download it where there is network (hf download {name} --local-dir DIR) "
-                         f"and pass --model DIR") from None
-    if not tokenizer.chat_template:
-        raise UsageError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
-                         f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so any id works
-    return tokenizer, model

@@ -11,12 +11,13 @@ prompt x and the human ("real") response y. Sources:
 
 Every row becomes {"id", "messages" (the prompt conversation), "response" (a string)}.
 
-Tokens. One renderer (the tokenizer's chat template) makes the prompt ids used for BOTH
-generation and training. A response is tokenized on its own and appended to those ids, and a
-generated response keeps the exact ids the model sampled, so the prompt/response boundary in
-training is the one the model generated from. Prompts are cut from the left (the end, with the
-assistant header, is what the response follows); responses are cut to fit max_length, and a
-response that was cut (no EOS) is trained without an EOS.
+Tokens (ChatFormat). The tokenizer's chat template writes everything: the prompt ids, with the
+assistant header, are what generation continues AND what training conditions on; the human
+reply's ids are read off the template's rendering of the whole conversation after the prompt's
+ids, through the end-of-turn token; a generated reply keeps the exact ids the model sampled,
+through its stop id. So real and generated replies differ only in what the model would say.
+Prompts are cut from the left (the end, with the assistant header, is what the reply follows);
+replies are cut to fit max_length, and a reply that was cut is trained without its end-of-turn.
 """
 import json
 from pathlib import Path
@@ -81,10 +82,9 @@ def _read_hub(name: str, split: str, flag: str) -> list[dict]:
     try:
         return datasets.load_dataset(name, split=split).to_list()
     except Exception as e:  # offline, misspelled, gated: the datasets library raises many kinds
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"{flag} {name}: not a local file and could not be loaded from the Hugging Face Hub "
-            f"({first_line}); download it where there is network and pass the local .jsonl/.parquet path"
+            f"({first_line(e)}); download it where there is network and pass the local .jsonl/.parquet path"
         ) from None
 
 
@@ -126,22 +126,92 @@ def _normalize(i: int, record, turn: str) -> dict:
     return {"id": i, "messages": context, "response": response}  # id: the row's place in the source
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt ids, through the chat template, ending with the assistant header.
+class ChatFormat:
+    """The tokens of a conversation exactly as the tokenizer's chat template writes them.
 
-    Rendered to text and then tokenized without special tokens: templates that write the BOS
-    themselves (Llama's) would otherwise get a second one.
+    prompt_ids(x): x rendered with the assistant header (add_generation_prompt), what the opponent
+    generates after. reply_ids(x, y): the whole conversation rendered with the reply y, read off
+    AFTER the prompt's ids and kept through the end-of-turn token the template writes; what the
+    template writes after it (a newline, a second EOS) belongs to no reply, real or generated.
+    So a real reply starts with the token the model would produce there (a SentencePiece reply
+    tokenized alone would start with "▁") and ends with the template's end-of-turn marker
+    (Llama-3's <|eot_id|>, Phi-3's <|end|>, ChatML's <|im_end|>, zephyr's </s>), which is also a
+    stop id of generation (generate.stop_ids).
+
+    system_prompt: None renders the conversation as it is; a string (also "") inserts a system turn
+    where the conversation has none, as alignment-handbook trained zephyr-7b-sft-full.
+    template_kwargs: keyword arguments for the template, e.g. {"enable_thinking": False} (Qwen3).
     """
-    if not tokenizer.chat_template:
-        raise DataError("the tokenizer has no chat template; use a chat/SFT model or add one to its "
-                        "tokenizer_config.json")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    PROBE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, template_kwargs: dict | None = None,
+                 name: str = "the model"):
+        if not tokenizer.chat_template:
+            raise DataError(f"{name}: the tokenizer has no chat template; use a chat/SFT model or add a "
+                            f"chat_template to its tokenizer_config.json")
+        self.tokenizer, self.system_prompt, self.template_kwargs = tokenizer, system_prompt, template_kwargs or {}
+        self.name, self.not_prefix_stable = name, 0
+        try:
+            with_header = self._render(self.PROBE[:1], add_generation_prompt=True)
+            without = self._render(self.PROBE[:1], add_generation_prompt=False)
+        except Exception as e:  # jinja2's TemplateError (a template's raise_exception) and TypeError alike
+            what = (f"--system_prompt {system_prompt!r}: " if system_prompt is not None else "") + \
+                   (f"--chat_template_kwargs {json.dumps(self.template_kwargs)}: " if self.template_kwargs else "")
+            raise DataError(f"{what}the chat template of {name} cannot render a conversation with it "
+                            f"({first_line(e)})") from None
+        if with_header == without:
+            raise DataError(f"{name}: its chat template writes nothing for add_generation_prompt=True (no "
+                            f"assistant header), so a prompt cannot be told from a finished conversation")
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        # The end-of-turn token: the first special token the template writes after the probe's reply.
+        self.end_of_turn = None
+        self.end_of_turn = next((i for i in self._after_prompt(self.PROBE[:1], self.PROBE[1]["content"])
+                                 if i in special), None)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **self.template_kwargs)
+
+    def _ids(self, text: str) -> list[int]:
+        # Without special tokens: the template writes the BOS itself where the model has one (Llama's).
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """x through the chat template, ending with the assistant header: what generation continues."""
+        return self._ids(self._render(messages, add_generation_prompt=True))
+
+    def reply_ids(self, messages: list[dict], reply: str) -> list[int]:
+        """y as the template writes it after prompt_ids(messages), through its end-of-turn token."""
+        ids = self._after_prompt(messages, reply)
+        if self.end_of_turn is None:  # a template with no end-of-turn token: end the reply with EOS
+            return ids + [self.tokenizer.eos_token_id]
+        if self.end_of_turn not in ids:
+            raise DataError(f"the chat template wrote no end-of-turn token "
+                            f"{self.tokenizer.convert_ids_to_tokens(self.end_of_turn)!r} after the reply")
+        return ids[: len(ids) - ids[::-1].index(self.end_of_turn)]  # through the last end-of-turn
+
+    def _after_prompt(self, messages: list[dict], reply: str) -> list[int]:
+        """The ids of the whole conversation after the prompt's ids. Where the full rendering does
+        not start with the prompt's ids (a template that is not prefix-stable: the reply's first
+        characters merge with the header's last token), the text after the prompt's text, tokenized
+        on its own; such rows are counted in not_prefix_stable for the run's log."""
+        prompt_text = self._render(messages, add_generation_prompt=True)
+        full_text = self._render(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+        prompt, full = self._ids(prompt_text), self._ids(full_text)
+        if full[: len(prompt)] == prompt:
+            return full[len(prompt):]
+        if not full_text.startswith(prompt_text):
+            raise DataError("the chat template writes the prompt differently when a reply follows it")
+        self.not_prefix_stable += 1
+        return self._ids(full_text[len(prompt_text):])
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """A complete human response: its tokens, then EOS, as the chat template ends a reply."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries raise paragraphs), or its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,

@@ -19,7 +19,7 @@ and for every s:
     eval_real_logp             mean over prompts of log p_θs(y|x)
     eval_real_logp_per_token   Σ log p_θs(y|x) / Σ |y|
     eval_real_length, eval_generated_length   mean tokens of y and of y'_s
-    eval_ended                 fraction of y'_s that ended with EOS (the rest hit max_new_tokens)
+    eval_ended                 fraction of y'_s that ended on a stop id (the rest hit max_new_tokens)
 
 `--eval_tasks` adds lm-evaluation-harness scores of θ_s (lm_eval_scores below).
 """
@@ -71,7 +71,8 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], args, des
     return out
 
 
-def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dict] | None, args, path: Path) -> list[dict]:
+def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dict] | None, args, path: Path,
+                     stop: list[int] | None = None) -> list[dict]:
     """eval/model{s}.jsonl: y'_s ~ p_θs for every held-out prompt and the log-probs under θ_s that
     the metrics need (also of y'_{s−1}, the previous model's samples). Reused when already saved."""
     saved = checkpoint.read_jsonl(path)
@@ -80,7 +81,7 @@ def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dic
     prompts, real_ids = heldout["prompts"], heldout["real_ids"]
     samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
                            args.top_p, args.generation_batch_size, args.seed + 1_000_000 * s + 500_000,
-                           progress=not args.quiet)
+                           progress=not args.quiet, stop=stop)
     real = score(model, prompts, real_ids, args, f"eval θ{s}: log p(y)")
     generated = score(model, prompts, [g["generated_ids"] for g in samples], args, f"eval θ{s}: log p(y')")
     rows = [{"id": r["id"], "text": g["text"], "generated_ids": g["generated_ids"], "ended": g["ended"],
@@ -171,12 +172,12 @@ def toy_metrics(model, tokenizer, args) -> dict:
     return toy.evaluate_split(model, tokenizer, "test", args.max_new_tokens, args.generation_batch_size)
 
 
-def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path) -> dict:
+def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path, stop: list[int] | None = None) -> dict:
     """Everything measured about θ_s on data that training never sees, as one flat row."""
     row = {}
     if heldout["rows"]:
         previous = checkpoint.read_jsonl(run / "eval" / f"model{s - 1}.jsonl") if s else None
-        samples = sample_and_score(model, tokenizer, heldout, s, previous, args, run / "eval" / f"model{s}.jsonl")
+        samples = sample_and_score(model, tokenizer, heldout, s, previous, args, run / "eval" / f"model{s}.jsonl", stop)
         row.update(metrics(samples, previous, args.beta, args.loss_type))
     if args.dataset == "toy":
         row.update(toy_metrics(model, tokenizer, args))

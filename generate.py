@@ -1,8 +1,8 @@
 """Sample the synthetic responses y' ~ p_θt(·|x) from the frozen opponent (Algorithm 1, line 3
 of arXiv 2401.01335v3: "Generate y'_i ~ p_θt(·|x_i)").
 
-One response per prompt, from the prompt ids that training will use (data.render_prompt), so the
-prompt/response boundary is identical in both. Prompts are batched by length, left-padded (a
+One response per prompt, from the prompt ids that training will use (data.ChatFormat), so the
+prompt/response boundary is identical in both; it stops on the model's own stop ids. Prompts are batched by length, left-padded (a
 decoder continues from the right end), and each batch is seeded, so a run is reproducible.
 For every prompt we keep the generated token ids themselves (never re-tokenized), the text, and
 whether it ended with EOS or hit the max_new_tokens limit.
@@ -20,12 +20,38 @@ import torch
 from tqdm import tqdm
 
 
+def stop_ids(model, tokenizer, end_of_turn: int | None = None) -> list[int]:
+    """Every id that ends a reply: the model's generation_config eos_token_id (one id or a list:
+    Llama-3-Instruct stops on <|eot_id|> and <|end_of_text|>, Gemma on <end_of_turn>), the
+    tokenizer's EOS, and the end-of-turn token the chat template writes (data.ChatFormat)."""
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return sorted({i for i in [*ids, tokenizer.eos_token_id, end_of_turn] if i is not None})
+
+
+SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
+            "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+            "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "min_length", "min_new_tokens",
+            "max_length", "max_new_tokens", "num_beams", "penalty_alpha", "guidance_scale", "renormalize_logits",
+            "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "stop_strings")
+
+
+def ignored_generation_settings(model) -> dict:
+    """What the model's generation_config.json sets that would change how y' is sampled (Qwen2.5:
+    repetition_penalty 1.05, top_k 20, temperature 0.7, ...): none of it applies here, the flags do."""
+    own = model.generation_config.to_dict()
+    return {k: own[k] for k in SAMPLING if own.get(k) is not None}
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             progress: bool = False, done: dict[int, dict] | None = None, on_batch=None) -> list[dict]:
+             progress: bool = False, done: dict[int, dict] | None = None, on_batch=None,
+             stop: list[int] | None = None) -> list[dict]:
     """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
 
+    stop: the ids that end a reply (default: stop_ids(model, tokenizer)). A reply that ends keeps
+    exactly one of them, as its last id, and has ended=True; the others hit max_new_tokens.
     done: results already on disk by prompt index, from a run that was stopped; a batch whose
     prompts are all done is skipped, any other batch is sampled again with its own seed, which
     gives the same tokens. on_batch(indices, results) is called after each sampled batch.
@@ -35,9 +61,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
 
     model.eval()
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
-                              **(dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}))
+    stop = set(stop or stop_ids(model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # top_k=0: transformers' own default (50) would cut the distribution. Every other field that
+    # shapes sampling is neutral because the model's generation_config is set aside below.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=sorted(stop),
+                              pad_token_id=pad, **(dict(temperature=temperature, top_p=top_p, top_k=0)
+                                                   if do_sample else {}))
     # Prompts of similar length share a batch: less padding. The order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results: list[dict] = [{}] * len(prompts)
@@ -56,12 +86,19 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
             input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention_mask[row, width - len(prompts[i]):] = 1
         torch.manual_seed(seed + number)  # one seed per batch: the same run samples the same tokens
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=config)  # (B, T + new)
+        # generate() fills every field left unset from model.generation_config (a repetition penalty,
+        # top_k, ...): with a blank one in its place, y' ~ p_θt exactly as the flags say.
+        own, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)  # (B, T + new)
+        finally:
+            model.generation_config = own
         for row, i in enumerate(batch):
             new = output[row, width:].tolist()
-            ended = eos in new
-            new = new[: new.index(eos) + 1] if ended else new  # drop the padding after EOS
+            end = next((k for k, token in enumerate(new) if token in stop), None)
+            ended = end is not None
+            new = new[: end + 1] if ended else new  # through the first stop id; padding follows it
             results[i] = {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
                           "ended": ended}
         if on_batch:
@@ -75,8 +112,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
 def main(argv=None) -> None:
     import cli
     import data
+    import models
 
-    p = argparse.ArgumentParser(description="Sample one response per prompt from a model.")
+    p = cli.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
     p.add_argument("--data", required=True, help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
     p.add_argument("--split", default="train", help="data set split")
@@ -89,17 +127,22 @@ def main(argv=None) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system_prompt", help="insert a system turn with this text before conversations that have none")
+    p.add_argument("--chat_template_kwargs", type=cli.json_object, metavar="JSON",
+                   help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}'")
     args = p.parse_args(argv)
     try:
         cli.go_offline_if_hub_unreachable(args.model, args.data)
         rows = data.load_rows(args.data, args.split)[: args.max_samples]
-        tokenizer, model = cli.load_model(args.model)
-        prompts = [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in rows]
-    except (data.DataError, cli.UsageError) as e:
+        tokenizer, model = models.load_model(args.model)
+        chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
+        prompts = [chat.prompt_ids(r["messages"])[-args.max_prompt_length:] for r in rows]
+    except (data.DataError, models.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
-                       args.top_p, args.batch_size, args.seed, progress=True)
+                       args.top_p, args.batch_size, args.seed, progress=True,
+                       stop=stop_ids(model, tokenizer, chat.end_of_turn))
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row, result in zip(rows, results):
@@ -108,7 +151,7 @@ def main(argv=None) -> None:
                                 "ended": result["ended"]}) + "\n")
     os.replace(tmp, args.out)  # the file appears whole or not at all
     print(f"wrote {len(results)} responses to {args.out} "
-          f"({sum(r['ended'] for r in results)} ended with EOS, the rest hit --max_new_tokens)")
+          f"({sum(r['ended'] for r in results)} ended on a stop id, the rest hit --max_new_tokens)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ import evaluation
 import generate as gen
 import plot
 import report
-from cli import UsageError, go_offline_if_hub_unreachable, load_model, parse_args  # noqa: F401 (the command line)
+from cli import UsageError, go_offline_if_hub_unreachable, parse_args
+from models import ModelError, load_model
 from logps import batch_logps
 from loss import spin_loss
 
@@ -192,7 +193,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
 
 
 def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], real_ids: list[list[int]], t: int,
-                 args, it: Path) -> list[dict]:
+                 args, it: Path, stop: list[int]) -> list[dict]:
     """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y').
 
     Rank r samples prompts r, r + world, ... and appends each finished batch to
@@ -219,7 +220,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], r
     gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
                  args.temperature, args.top_p, args.generation_batch_size,
                  args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
-                 on_batch=on_batch)
+                 on_batch=on_batch, stop=stop)
     distributed.barrier(args)
     if args.rank == 0:
         samples = {}
@@ -262,6 +263,31 @@ def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path
         p["opponent_real_logp"], p["opponent_generated_logp"] = s["opponent_real_logp"], s["opponent_generated_logp"]
 
 
+def tokenize(chat: data.ChatFormat, rows: list[dict], heldout_rows: list[dict], saved: Path | None, args) -> dict:
+    """The prompt ids and human reply ids of every training and held-out row, rendered once per run
+    and kept in <run>/tokens.jsonl: a resumed run reads them back, so a template that prints today's
+    date (Llama-3.2's) or a changed tokenizer file cannot change the pairs halfway through a run."""
+    keys = [("train", r["id"]) for r in rows] + [("heldout", r["id"]) for r in heldout_rows]
+    found = checkpoint.read_jsonl(saved) if saved else []
+    if [(f["split"], f["id"]) for f in found] != keys:
+        found = []
+        for split, source, flag, part in (("train", args.dataset, "--dataset", rows),
+                                          ("heldout", args.eval_dataset or args.dataset, "--eval_dataset" if args.eval_dataset else "--dataset", heldout_rows)):
+            for r in part:
+                try:
+                    found.append({"split": split, "id": r["id"], "prompt_ids": chat.prompt_ids(r["messages"]),
+                                  "real_ids": chat.reply_ids(r["messages"], r["response"])})
+                except data.DataError as e:
+                    raise data.DataError(f"{flag} {source}, row {r['id']}: {e}") from None
+    train, held = [f for f in found if f["split"] == "train"], [f for f in found if f["split"] == "heldout"]
+    return {"rows": found, "prompts": [f["prompt_ids"] for f in train], "real_ids": [f["real_ids"] for f in train],
+            "heldout_prompts": [f["prompt_ids"] for f in held], "heldout_real_ids": [f["real_ids"] for f in held]}
+
+
+def describe(tokenizer, ids: list[int]) -> str:
+    return ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in ids)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.plot:  # python spin.py --plot RUN_DIR
@@ -298,17 +324,31 @@ def main(argv=None) -> None:
         rows = [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.max_samples))]
     if args.eval_tasks:
         evaluation.check_tasks(args)
-    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
-    cut = sum(len(p) > args.max_prompt_length for p in prompts)
-    prompts = [p[-args.max_prompt_length:] for p in prompts]  # from the left, as in training
-    real_ids = [data.encode_response(tokenizer, r["response"]) for r in rows]  # y, tokenized once for the run
+    chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
+    stop = gen.stop_ids(model, tokenizer, chat.end_of_turn)  # every id that ends a reply
+    tokens = tokenize(chat, rows, heldout_rows, run / "tokens.jsonl" if resuming else None, args)
+    prompts = [p[-args.max_prompt_length:] for p in tokens["prompts"]]  # from the left, as in training
+    real_ids = tokens["real_ids"]
+    cut = sum(len(p) > args.max_prompt_length for p in tokens["prompts"])
     long = sum(len(p) + len(y) > args.max_length for p, y in zip(prompts, real_ids))
     print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
-          f"--max_length {args.max_length} (trained without EOS)")
-    heldout = {"rows": heldout_rows,
-               "prompts": [data.render_prompt(tokenizer, r["messages"])[-args.max_prompt_length:] for r in heldout_rows],
-               "real_ids": [data.encode_response(tokenizer, r["response"]) for r in heldout_rows]}
+          f"--max_length {args.max_length} (trained without their end-of-turn)")
+    print(f"replies end with {describe(tokenizer, [chat.end_of_turn]) if chat.end_of_turn is not None else 'EOS'} "
+          f"(the chat template's end-of-turn); generation stops on {describe(tokenizer, stop)}")
+    if chat.end_of_turn is None:
+        print(f"note: the chat template of {args.model} writes no special token after a reply; human replies "
+              f"end with the tokenizer's EOS instead (docs/differences.md)")
+    if chat.not_prefix_stable:
+        print(f"note: the chat template of {args.model} is not prefix-stable on {chat.not_prefix_stable} "
+              f"conversations (the rendered conversation does not start with the rendered prompt's ids); their "
+              f"human replies are the text after the prompt, tokenized on its own (docs/differences.md)")
+    ignored = gen.ignored_generation_settings(model)
+    if ignored:
+        print(f"note: sampling follows --temperature/--top_p/--max_new_tokens{'/--greedy' if args.greedy else ''} "
+              f"only; the model's generation_config also sets {json.dumps(ignored)}, not used")
+    heldout = {"rows": heldout_rows, "prompts": [p[-args.max_prompt_length:] for p in tokens["heldout_prompts"]],
+               "real_ids": tokens["heldout_real_ids"]}
     print(f"held-out evaluation: {len(heldout_rows)} prompts that training never sees"
           + (f"; lm-eval tasks {','.join(args.eval_tasks)}" if args.eval_tasks else ""))
 
@@ -316,6 +356,8 @@ def main(argv=None) -> None:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         checkpoint.write_atomic(run / "config.json", json.dumps(config, indent=1))
+    if args.rank == 0 and not (run / "tokens.jsonl").exists():
+        checkpoint.write_jsonl(run / "tokens.jsonl", tokens["rows"])
     distributed.barrier(args)
     print("SPIN configuration:", json.dumps(config))
     completed = 0
@@ -332,7 +374,7 @@ def main(argv=None) -> None:
     # Evaluation runs on rank 0 alone (a whole copy of the model on every rank); the others wait.
     measure_start = args.rank == 0 and not (run / "start.json").exists()
     if measure_start:
-        start = {"iteration": "start", **evaluation.evaluate(model, tokenizer, 0, heldout, args, run)}
+        start = {"iteration": "start", **evaluation.evaluate(model, tokenizer, 0, heldout, args, run, stop)}
         checkpoint.write_atomic(run / "start.json", json.dumps(start))
     distributed.barrier(args)
     summary = [json.loads((run / "start.json").read_text())] + \
@@ -350,7 +392,7 @@ def main(argv=None) -> None:
             it.mkdir(exist_ok=True)
         distributed.barrier(args)
         started = time.time()
-        pairs = sample_pairs(model, tokenizer, rows, prompts, real_ids, t, args, it)  # y' ~ p_θt, the frozen opponent
+        pairs = sample_pairs(model, tokenizer, rows, prompts, real_ids, t, args, it, stop)  # y' ~ p_θt, the frozen opponent
         # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])
         attach_opponent_logps(model, train_pairs, t, args, it)
@@ -367,11 +409,11 @@ def main(argv=None) -> None:
         if args.rank == 0:
             tail = history[-10:]  # the last 10 steps: one batch alone is noisy
             [after] = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy,
-                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1))
+                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1), stop=stop)
             row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
                    **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
                    "ended": sum(p["ended"] for p in pairs) / len(pairs),
-                   **evaluation.evaluate(model, tokenizer, t + 1, heldout, args, run),
+                   **evaluation.evaluate(model, tokenizer, t + 1, heldout, args, run, stop),
                    "seconds": round(time.time() - started, 1),
                    "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
             checkpoint.write_atomic(it / "model" / "README.md", report.model_card(config, row, summary[0]))
@@ -399,7 +441,7 @@ def cli(argv=None) -> int:
     """main() with bad input turned into one line on stderr and an exit status: 2 for bad input."""
     try:
         main(argv)
-    except (UsageError, data.DataError) as e:
+    except (UsageError, ModelError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

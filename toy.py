@@ -139,8 +139,9 @@ def sft_model_path(cache_dir: str | None = None, **overrides) -> Path:
 def sft(model, tokenizer, settings: dict) -> None:
     """Supervised fine-tuning: maximise the mean per-token log-likelihood of the human responses."""
     rows = make_rows("train", settings["num_prompts"], settings["seed"])
-    sequences = [data.build_sequence(data.render_prompt(tokenizer, r["messages"]),
-                                     data.encode_response(tokenizer, r["response"]), 64, 128) for r in rows]
+    chat = data.ChatFormat(tokenizer)
+    sequences = [data.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
+                                     64, 128) for r in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["sft_learning_rate"])
     generator = torch.Generator().manual_seed(settings["seed"])
     model.train()
@@ -170,11 +171,12 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     model.eval()
     device = next(model.parameters()).device
     correct, tv, valid_mass = 0, 0.0, 0.0
+    chat = data.ChatFormat(tokenizer)
     for row, gen in zip(rows, generated):
         truth = p_data(row["messages"][-1]["content"])
         correct += gen["ended"] and gen["text"] in truth
-        prompt_ids = data.render_prompt(tokenizer, row["messages"])
-        sequences = [data.build_sequence(prompt_ids, data.encode_response(tokenizer, y), 64, 128) for y in truth]
+        prompt_ids = chat.prompt_ids(row["messages"])
+        sequences = [data.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
         batch = data.collate(sequences, tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         p_model = sequence_logps(logits, batch["labels"].to(device)).exp().tolist()
@@ -190,7 +192,7 @@ def evaluate_split(model, tokenizer, split: str = "test", max_new_tokens: int = 
     import generate
 
     rows = make_rows(split)
-    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     greedy = generate.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size)
     return evaluate(model, tokenizer, rows, greedy)
 

@@ -91,9 +91,10 @@ def run_spin(model, opponent, tokenizer, rows: list[dict], sizes: dict, batch: i
     """What spin.main does for one iteration once the responses are sampled; returns the step metrics."""
     args = spin_args(sizes, tokenizer, batch)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = [{"prompt_ids": data.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]),
-              "real_ids": data.encode_response(tokenizer, r["real"]),
-              "generated_ids": data.encode_response(tokenizer, r["generated"])} for r in rows]
+    chat = data.ChatFormat(tokenizer)
+    pairs = [{"prompt_ids": chat.prompt_ids([{"role": "user", "content": r["prompt"]}]),
+              "real_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}], r["real"]),
+              "generated_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}], r["generated"])} for r in rows]
     spin.opponent_logps(opponent, pairs, args)
     history, _ = spin.train(model, pairs, LR, 0, args, out)
     return history

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
+import models  # noqa: E402
 import generate  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
@@ -24,21 +25,22 @@ LR = 0.001
 def main(model_name: str = "toy") -> None:
     args = cli.parse_args(["--model", model_name, "--dataset", "toy", "--beta", "1", "--max_length", "48",
                            "--max_prompt_length", "32"])
-    tokenizer, model = cli.load_model(args.model)
+    tokenizer, model = models.load_model(args.model)
     args.pad_token_id = tokenizer.pad_token_id
     row = toy.make_rows("train")[0]
     print("1. a row of the SFT data set")
     print(f"   prompt x = {row['messages'][-1]['content']!r}   human answer y = {row['response']!r}")
     print(f"   p_data(·|x) = {toy.p_data(row['messages'][-1]['content'])}")
 
-    prompt_ids = data.render_prompt(tokenizer, row["messages"])
+    prompt_ids = data.ChatFormat(tokenizer).prompt_ids(row["messages"])
     print("\n2. the prompt through the chat template, the ids the model generates from and trains on")
     print(f"   text: {tokenizer.decode(prompt_ids)!r}")
     print(f"   ids:  {prompt_ids}")
 
     [sample] = generate.generate(model, tokenizer, [prompt_ids], max_new_tokens=16, seed=3)
-    real_ids = data.encode_response(tokenizer, row["response"])
-    print("\n3. the opponent p_θ0 samples y' (temperature 1); y is tokenized alone and gets EOS (id 2)")
+    real_ids = data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"])
+    print("\n3. the opponent p_θ0 samples y' (temperature 1); y is read off the chat template's rendering of the")
+    print("   whole conversation, after the prompt's ids, through its end-of-turn token (EOS, id 2)")
     print(f"   y' = {sample['text']!r}  ids {sample['generated_ids']}  ended with EOS: {sample['ended']}")
     print(f"   y  = {row['response']!r}  ids {real_ids}")
 

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
+import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
 from loss import sequence_logps  # noqa: E402
@@ -49,7 +50,7 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
             results.append({k: row[k] for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")} |
                            {"steps": len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))})
         else:
-            tokenizer, model = cli.load_model(str(out / f"iter{t}" / "model"))
+            tokenizer, model = models.load_model(str(out / f"iter{t}" / "model"))
             results.append(toy.evaluate_split(model, tokenizer, split))
     return results
 
@@ -57,10 +58,10 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
 def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> list[dict]:
     """Continued SFT from the same start on the same prompts and human answers, with the same
     optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
-    tokenizer, model = cli.load_model(str(start))
+    tokenizer, model = models.load_model(str(start))
     rows = toy.make_rows("train")
-    sequences = [data.build_sequence(data.render_prompt(tokenizer, r["messages"]),
-                                     data.encode_response(tokenizer, r["response"]), 32, 48) for r in rows]
+    sequences = [data.build_sequence(data.ChatFormat(tokenizer).prompt_ids(r["messages"]),
+                                     data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]), 32, 48) for r in rows]
     generator = torch.Generator().manual_seed(seed)
     results = []
     for total in steps:
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
     runs = []
     for seed in args.seeds:
         start = toy.sft_model_path(seed=seed)
-        tokenizer, model = cli.load_model(str(start))
+        tokenizer, model = models.load_model(str(start))
         initial = toy.evaluate_split(model, tokenizer, "test")
         spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
                                 seed, "test")

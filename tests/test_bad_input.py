@@ -158,4 +158,4 @@ def test_long_prompts_are_cut_and_counted_not_silently(tmp_path, small_sft_model
     assert "4 prompts from" in (out := capsys.readouterr().out)
     assert "2 prompts longer than --max_prompt_length 30 were cut from the left" in out
     # rows 0 and 3: 8 + 41 and 30 (cut) + 21 tokens exceed 40
-    assert "2 human responses will be cut to fit --max_length 40 (trained without EOS)" in out
+    assert "2 human responses will be cut to fit --max_length 40 (trained without their end-of-turn)" in out

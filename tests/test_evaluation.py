@@ -44,8 +44,8 @@ def test_heldout_numbers_equal_an_independent_computation(tokenizer, small_sft_m
     torch.manual_seed(5)
     after.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in before.state_dict().items()})
     rows = toy.make_rows("test")[:17]
-    heldout = {"rows": rows, "prompts": [data.render_prompt(tokenizer, r["messages"]) for r in rows],
-               "real_ids": [data.encode_response(tokenizer, r["response"]) for r in rows]}
+    heldout = {"rows": rows, "prompts": [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows],
+               "real_ids": [data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]) for r in rows]}
     args = eval_args(tokenizer.pad_token_id)
     first = evaluation.sample_and_score(before, tokenizer, heldout, 0, None, args, tmp_path / "model0.jsonl")
     second = evaluation.sample_and_score(after, tokenizer, heldout, 1, first, args, tmp_path / "model1.jsonl")
@@ -95,7 +95,7 @@ def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model).eval()
     questions = [r["messages"][0]["content"] for r in toy.make_rows("test")[:40]]
-    prompts = [data.render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": q}]) for q in questions]
     answers = [a["text"] for a in generate.generate(model, tokenizer, prompts, 16, do_sample=False, batch_size=40)]
     docs = [{"question": q, "answer": a if i % 2 == 0 else a + "!"} for i, (q, a) in enumerate(zip(questions, answers))]
     (tmp_path / "tasks").mkdir()

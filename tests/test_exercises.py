@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import models
 import generate
 import spin
 import toy
@@ -48,10 +49,10 @@ def test_exercise_6_mixing_the_previous_iteration_doubles_the_training_pairs(sma
 def test_exercise_7_greedy_responses_are_likelier_under_the_opponent_than_samples(small_sft_model):
     args = spin.parse_args(["--model", str(small_sft_model), "--dataset", "toy", "--max_length", "48",
                             "--max_prompt_length", "32"])
-    tokenizer, model = spin.load_model(args.model)
+    tokenizer, model = models.load_model(args.model)
     args.pad_token_id = tokenizer.pad_token_id
     rows = toy.make_rows("train")[:100]
-    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     mean_logp = {}
     for greedy in (True, False):
         samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, do_sample=not greedy, seed=0)
@@ -88,9 +89,9 @@ def test_exercise_9_dropout_breaks_the_first_step_identity(tokenizer):
     model.config.attention_dropout = 0.3  # Mistral's only dropout: on attention weights in training mode
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.3
-    prompt = data.render_prompt(tokenizer, [{"role": "user", "content": "12+34"}])
-    pairs = [{"prompt_ids": prompt, "real_ids": data.encode_response(tokenizer, "46"),
-              "generated_ids": data.encode_response(tokenizer, "12+34=46")}]
+    prompt = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "12+34"}])
+    pairs = [{"prompt_ids": prompt, "real_ids": data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "46"),
+              "generated_ids": data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "12+34=46")}]
     args = spin.parse_args(["--model", "toy", "--max_length", "48", "--max_prompt_length", "32"])
     args.pad_token_id = tokenizer.pad_token_id
     spin.opponent_logps(model, pairs, args)  # eval mode: no dropout

@@ -10,7 +10,7 @@ PROMPTS = ["1+2", "10+20", "5+55", "99+1", "7+0"]
 
 def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer):
     model = tiny_mistral(tokenizer, seed=3)
-    prompts = [data.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     batched = generate.generate(model, tokenizer, prompts, max_new_tokens=6, do_sample=False, batch_size=3)
     for prompt, result in zip(prompts, batched):
         single = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
@@ -28,7 +28,7 @@ def test_records_whether_a_response_ended_or_hit_the_limit(small_sft_model):
 
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model)
-    prompts = [data.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     full = generate.generate(model, tokenizer, prompts, max_new_tokens=16, do_sample=False)
     assert all(r["ended"] and r["generated_ids"][-1] == tokenizer.eos_token_id for r in full)
     assert all(tokenizer.eos_token_id not in r["generated_ids"][:-1] for r in full)  # nothing after EOS
@@ -44,7 +44,7 @@ def test_sampling_is_reproducible_by_seed(small_sft_model):
 
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model)
-    prompts = [data.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS * 8]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS * 8]
     a = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=1, batch_size=16)
     b = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=1, batch_size=16)
     c = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=2, batch_size=16)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import models
 import generate
 import spin
 import toy
@@ -73,12 +74,12 @@ def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_it
 @pytest.fixture(scope="module")
 def toy_pairs(small_sft_model):
     args = spin.parse_args(["--model", str(small_sft_model), *SMALL])
-    tokenizer, model = spin.load_model(args.model)
+    tokenizer, model = models.load_model(args.model)
     args.pad_token_id = tokenizer.pad_token_id
     rows = toy.make_rows("train")[:64]
-    prompts = [data.render_prompt(tokenizer, r["messages"]) for r in rows]
+    prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, seed=0)
-    pairs = [{"prompt_ids": p, "real_ids": data.encode_response(tokenizer, r["response"]),
+    pairs = [{"prompt_ids": p, "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
               "generated_ids": s["generated_ids"]} for r, s, p in zip(rows, samples, prompts)]
     spin.opponent_logps(model, pairs, args)
     return args, model, pairs

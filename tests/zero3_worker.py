@@ -11,6 +11,7 @@ import deepspeed  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
+import models  # noqa: E402
 import distributed  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
@@ -21,12 +22,12 @@ args = spin.parse_args(["--model", model_dir, "--dataset", "toy", "--deepspeed",
                         "--beta", "1", "--max_length", "48", "--max_prompt_length", "32", "--quiet",
                         "--output_dir", str(out.parent / "run")])
 distributed.setup(args)
-tokenizer, model = spin.load_model(model_dir)
+tokenizer, model = models.load_model(model_dir)
 args.pad_token_id = tokenizer.pad_token_id
 rows = toy.make_rows("train")[:24]  # 3 steps of a global batch of 8
-pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.render_prompt(tokenizer, r["messages"]),
-          "real_ids": data.encode_response(tokenizer, r["response"]),
-          "generated_ids": data.encode_response(tokenizer, "1+1=2")} for r in rows]
+pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.ChatFormat(tokenizer).prompt_ids(r["messages"]),
+          "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
+          "generated_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], "1+1=2")} for r in rows]
 spin.opponent_logps(model, pairs, args)
 it = out.parent / "iter"
 it.mkdir(exist_ok=True)

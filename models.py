@@ -1,0 +1,101 @@
+"""Loading the model p_θ0 and its tokenizer: a directory, a Hugging Face Hub id, the toy, or a GGUF file.
+
+A GGUF file (llama.cpp's format; `--model path/model.gguf`) is dequantized to float32 by
+transformers' GGUF loader (needs the `gguf` package) and written once as an ordinary safetensors
+directory under $SPIN_CACHE/gguf/<sha256 of the file>, so every later load, the run's checkpoints
+and DeepSpeed see a normal Hugging Face model.
+
+Weights load from safetensors only: a run directory or a download may come from elsewhere, and
+pickle files can execute code.
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from data import first_line
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded: shown as one line naming --model, exit status 2."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPIN_CACHE", Path.home() / ".cache" / "spin"))
+
+
+def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
+    if name == "toy":
+        import toy
+
+        name = str(toy.sft_model_path())
+    elif name.endswith(".gguf"):
+        name = str(from_gguf(Path(name)))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(name).exists():
+            raise ModelError(f"--model {name} is not a model directory with safetensors weights "
+                             f"({first_line(e)[:200]})") from None
+        raise ModelError(f"--model {name} could not be loaded from the Hugging Face Hub ({first_line(e)[:200]}); "
+                         f"download it where there is network (hf download {name} --local-dir DIR) "
+                         f"and pass --model DIR") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
+                         f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so any id works
+    return tokenizer, model
+
+
+def from_gguf(path: Path) -> Path:
+    """The safetensors directory of a GGUF model file, converted on first use and cached by the
+    file's sha256 (a different file under the same name is converted again)."""
+    if not path.is_file():
+        raise ModelError(f"--model {path}: no such file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    out = cache_root() / "gguf" / digest.hexdigest()[:16]
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"--model {path}: reading GGUF files needs the gguf package (pip install gguf): "
+                         f"{first_line(e)[:200]}") from None
+    except (OSError, ValueError, KeyError) as e:  # an architecture transformers cannot read from GGUF
+        raise ModelError(f"--model {path}: transformers cannot load this GGUF file ({first_line(e)[:200]})") from None
+    # save_pretrained refuses a model loaded "with gguf quantization": the same weights, dequantized,
+    # in a model built from a plain copy of its config.
+    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))  # written whole, then renamed
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"converted from {path.resolve()} (sha256 {digest.hexdigest()})\n")
+    try:
+        tmp.rename(out)
+    except OSError:  # converted by another process meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
