@@ -10,6 +10,7 @@ import pytest
 import spin
 
 ROOT = Path(__file__).resolve().parents[1]
+TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 GOOD = {"prompt": "1+2", "response": "3"}
 BAD_ROWS = {  # row 1 of a two-row .jsonl file (row 0 is GOOD)
     "missing column": ({"question": "q", "answer": "a"}, "row 1: no 'messages', 'real' or 'prompt'+'response' column"),
@@ -42,12 +43,20 @@ def files(tmp_path, small_sft_model):
     no_template = tmp_path / "no-template"
     shutil.copytree(small_sft_model, no_template)
     (no_template / "chat_template.jinja").unlink()
+    gemma = tmp_path / "gemma-template"  # Gemma's real template (TRL ships it) raises on a system turn
+    shutil.copytree(small_sft_model, gemma)
+    (gemma / "chat_template.jinja").write_text((TRL_TEMPLATES / "gemma.jinja").read_text())
+    no_header = tmp_path / "no-header"  # a template that ignores add_generation_prompt
+    shutil.copytree(small_sft_model, no_header)
+    (no_header / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("prompt,response\nq,a\n")
     (tmp_path / "object.json").write_text(json.dumps(GOOD))
     (tmp_path / "not-a-run").mkdir()
     (tmp_path / "not-a-run" / "notes.txt").write_text("mine")
-    return {"no_weights": str(no_weights), "no_template": str(no_template), "dir": tmp_path,
+    return {"no_weights": str(no_weights), "no_template": str(no_template), "dir": tmp_path, "gemma": str(gemma),
+            "no_header": str(no_header),
             "torn": write_rows(tmp_path / "torn.jsonl", '{"prompt": "q", "resp')}
 
 
@@ -89,6 +98,14 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "unreachable eval data set": (["--eval_dataset", "nobody-here/no-data"], "--eval_dataset nobody-here/no-data: not a "
                                                                              "local file and could not be loaded"),
     "bad eval row": (["--eval_dataset", "{torn}"], "line 2 is not valid JSON"),
+    "system turn the template rejects": (["--model", "{gemma}", "--system_prompt", "Be brief."],
+                                         "--system_prompt 'Be brief.': the chat template of --model"),
+    "--chat_template_kwargs not JSON": (["--chat_template_kwargs", "enable_thinking=false"],
+                                        "argument --chat_template_kwargs: not valid JSON"),
+    "--chat_template_kwargs a list": (["--chat_template_kwargs", "[1, 2]"],
+                                      "argument --chat_template_kwargs: must be a JSON object"),
+    "template without generation header": (["--model", "{no_header}"], "its chat template writes nothing for "
+                                                                       "add_generation_prompt=True"),
     "output_dir that is not a run": (["--output_dir", "{dir}/not-a-run"], "is a non-empty directory that is not a SPIN run"),
 }
 

