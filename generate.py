@@ -11,7 +11,6 @@ whether it ended with EOS or hit the max_new_tokens limit.
     python generate.py --model alignment-handbook/zephyr-7b-sft-full \\
         --data HuggingFaceH4/ultrachat_200k --split test_sft --max_samples 100 --out samples.jsonl
 """
-import argparse
 import json
 import os
 import sys

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
-import cli  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402

@@ -114,3 +114,67 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
     first = json.loads((run / "iter0" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the real ids are the ones the opponent scored
     assert json.loads((run / "tokens.jsonl").read_text().splitlines()[0])["prompt_ids"] == pairs[0]["prompt_ids"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(smollm2, tmp_path_factory):
+    """python spin.py on a real chat model and real human conversations: 2 iterations, 8 prompts, 4 held out."""
+    root = tmp_path_factory.mktemp("smollm2")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(8, skip=100)))
+    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(4, skip=200)))
+    run = root / "run"
+    code = spin.cli(["--model", str(smollm2), "--dataset", str(root / "train.jsonl"), "--eval_dataset",
+                     str(root / "heldout.jsonl"), "--eval_split", "train", "--output_dir", str(run), "--iters", "2",
+                     "--beta", "0.1", "--learning_rate", "2e-6", "--per_device_train_batch_size", "8",
+                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--max_length", "256",
+                     "--max_prompt_length", "128", "--generation_batch_size", "8", "--quiet"])
+    assert code == 0
+    return run
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_real_chat_model_starts_every_iteration_at_log2(smollm2_run):
+    for t in range(2):
+        first = read_jsonl(smollm2_run / f"iter{t}" / "metrics.jsonl")[0]
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert first["margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run):
+    im_end = 2  # SmolLM2's <|im_end|>: its EOS and the end-of-turn token of its ChatML template
+    pairs = read_jsonl(smollm2_run / "iter0" / "synthetic.jsonl") + read_jsonl(smollm2_run / "iter1" / "synthetic.jsonl")
+    assert all(p["real_ids"][-1] == im_end and im_end not in p["real_ids"][:-1] for p in pairs)
+    ended = [p for p in pairs if p["ended"]]
+    assert ended and all(p["generated_ids"][-1] == im_end for p in ended)
+    assert all(im_end not in p["generated_ids"][:-1] for p in pairs)
+    assert all(len(p["generated_ids"]) == 24 for p in pairs if not p["ended"])
+
+
+def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run, smollm2):
+    from transformers import AutoModelForCausalLM
+
+    pairs = read_jsonl(smollm2_run / "iter0" / "synthetic.jsonl")
+    stored = {s["id"]: s for s in read_jsonl(smollm2_run / "iter0" / "opponent_logps.jsonl")}
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
+    for p in pairs[:3]:
+        for key, name in (("real_ids", "opponent_real_logp"), ("generated_ids", "opponent_generated_logp")):
+            ids = torch.tensor([p["prompt_ids"] + p[key]])  # one sequence, no padding
+            with torch.no_grad():
+                logprobs = model(ids).logits[0, :-1].log_softmax(-1)  # position i predicts token i + 1
+            n = len(p["prompt_ids"])
+            expected = sum(logprobs[i - 1, ids[0, i]].item() for i in range(n, ids.shape[1]))
+            assert stored[p["id"]][name] == pytest.approx(expected, abs=2e-3)
+
+
+def test_a_real_chat_models_checkpoints_load_and_answer(smollm2_run):
+    tokenizer, model = models.load_model(str(smollm2_run / "iter1" / "model"))
+    chat = data.ChatFormat(tokenizer)
+    prompt = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    [answer] = spin.gen.generate(model, tokenizer, [prompt], max_new_tokens=12, do_sample=False)
+    assert "Paris" in answer["text"]
+    evaluation = read_jsonl(smollm2_run / "evaluation.jsonl")
+    assert [row["model"] for row in evaluation] == [0, 1, 2]
+    assert all(row["eval_prompts"] == 4 and row["eval_real_logp"] < 0 for row in evaluation)

@@ -188,7 +188,7 @@ def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
     assert card.startswith("---\n") and "tags: [spin, self-play-fine-tuning]" in card
     assert "# SPIN iteration 1: θ_2" in card and "The opponent of this iteration was iter0/model" in card
     for line in ["| training pairs | 400 |", "| λ (--beta) | 1.0 |", "| learning rate | 0.0001 |", "| epochs | 1 |",
-                 f"| eval_loss |  | {row['eval_loss']:.4f} |", f"| tv_distance | ", f"{row['tv_distance']:.4f} |"]:
+                 f"| eval_loss |  | {row['eval_loss']:.4f} |", "| tv_distance | ", f"{row['tv_distance']:.4f} |"]:
         assert line in card
     config = json.loads(card.split("```json\n")[1].split("```")[0])
     assert config == json.loads((run / "config.json").read_text())

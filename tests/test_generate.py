@@ -61,3 +61,43 @@ def test_generate_cli_writes_every_prompt_once(small_sft_model, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(20))
     assert all(set(r) >= {"generated", "generated_ids", "ended", "real"} for r in rows)
+
+
+def test_a_generation_config_with_two_stop_ids_stops_on_either(tokenizer):
+    model = tiny_mistral(tokenizer, seed=5)
+    seven = tokenizer.convert_tokens_to_ids("7")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, seven]  # like Llama-3-Instruct's list
+    stop = generate.stop_ids(model, tokenizer)
+    assert stop == sorted([tokenizer.eos_token_id, seven])
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS * 16]
+    results = generate.generate(model, tokenizer, prompts, max_new_tokens=40, seed=0, batch_size=80)
+    for r in results:
+        stops = [k for k, token in enumerate(r["generated_ids"]) if token in stop]
+        assert stops == ([len(r["generated_ids"]) - 1] if r["ended"] else [])  # exactly one, at the end
+        assert r["ended"] or len(r["generated_ids"]) == 40
+    endings = [r["generated_ids"][-1] for r in results if r["ended"]]
+    assert endings.count(seven) >= 5 and endings.count(tokenizer.eos_token_id) >= 5  # both stop ids stopped replies
+
+
+def test_the_models_own_sampling_settings_do_not_apply(tokenizer):
+    """Qwen2.5 ships repetition_penalty 1.05 and top_k 20 in its generation_config: y' would not be
+    p_θt at the flags' temperature. Here: a strong penalty and top_k=1 (which would make sampling greedy)."""
+    model = tiny_mistral(tokenizer, seed=3)
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 5.0, 1
+    assert generate.ignored_generation_settings(model) == {"top_k": 1, "repetition_penalty": 5.0}
+    prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens=12, do_sample=False)
+    for prompt, result in zip(prompts, greedy):  # argmax of the model's own logits, one token at a time
+        ids = list(prompt)
+        for _ in range(12):
+            with torch.no_grad():
+                ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+            if ids[-1] == tokenizer.eos_token_id:
+                break
+        assert result["generated_ids"] == ids[len(prompt):]
+    penalized = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(prompts[0]):].tolist()
+    assert penalized[: len(greedy[0]["generated_ids"])] != greedy[0]["generated_ids"]  # the penalty would matter
+    sampled = generate.generate(model, tokenizer, prompts * 4, max_new_tokens=12, seed=0)
+    assert [s["generated_ids"] for s in sampled[:5]] != [g["generated_ids"] for g in greedy]  # top_k=1 is off
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was

@@ -17,6 +17,8 @@ def documented() -> dict:
 def as_text(value) -> str:
     if isinstance(value, list):
         return " ".join(f"{v:g}".replace("e-0", "e-") for v in value)
+    if value == "":
+        return '""'  # the empty string, written as it is typed on the command line
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
