@@ -68,3 +68,48 @@ def test_without_network_the_recipe_fails_with_one_line_naming_the_hub_id(tmp_pa
     assert code == 2 and len(err.splitlines()) == 1
     assert "alignment-handbook/zephyr-7b-sft-full could not be loaded from the Hugging Face Hub" in err
     assert "--model DIR" in err
+
+
+def test_the_hub_probe_goes_through_the_proxy_that_huggingface_hub_uses(monkeypatch, capsys):
+    """A cluster whose only way out is HTTPS_PROXY/HTTP_PROXY: the probe must use it, not a raw socket."""
+    import http.server
+    import os
+    import threading
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import cli
+
+    seen = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # a forward proxy gets the absolute URL in the request line
+            seen.append(self.requestline)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://hub.invalid")  # resolves nowhere
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        huggingface_hub.close_session()  # the client reads the proxy settings when it is made
+        cli.go_offline_if_hub_unreachable("someone/some-model")
+        assert seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
+        assert "HF_HUB_OFFLINE" not in os.environ  # reachable through the proxy: stays online
+        monkeypatch.delenv("HTTP_PROXY")
+        huggingface_hub.close_session()
+        cli.go_offline_if_hub_unreachable("someone/some-model")
+        assert "note: http://hub.invalid cannot be reached" in capsys.readouterr().out
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and len(seen) == 1
+    finally:
+        server.shutdown()
+        huggingface_hub.close_session()
