@@ -26,7 +26,6 @@ FAMILIES = {  # name: tokenizer, template, EOS to set, generation_config eos ids
     "phi3": ("phi-3", "phi3", None, [32000, 32001, 32007], [], "<|end|>"),
     "qwen3, no thinking": ("qwen2", "qwen3", "<|im_end|>", [151645, 151643],
                            ["--chat_template_kwargs", '{"enable_thinking": false}'], "<|im_end|>"),
-    "smollm2 (its own GGUF's tokenizer and template)": ("smollm2", None, None, None, [], "<|im_end|>"),
 }
 OLD_WAY_WRONG = ["zephyr (Mistral SentencePiece)", "llama3, first-release EOS", "phi3"]  # the issue's measurements
 FLAGS = ["--iters", "1", "--max_new_tokens", "6", "--per_device_train_batch_size", "6", "--num_train_epochs", "1",
@@ -77,19 +76,13 @@ def template_ids(tokenizer, messages, reply, end_of_turn, **kwargs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversations, smollm2, tmp_path, capsys):
+def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversations, tmp_path, capsys):
     vocab, template, eos, eos_ids, flags, end_of_turn = FAMILIES[family]
-    if vocab == "smollm2":
-        model_dir = smollm2
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        tokenizer = vocab_tokenizer(vocab)
-        tokenizer.chat_template = template if "{" in template else (TRL_TEMPLATES / f"{template}.jinja").read_text()
-        if eos:
-            tokenizer.eos_token = eos
-        model_dir = tiny_model_with(tokenizer, eos_ids, tmp_path / "model")
+    tokenizer = vocab_tokenizer(vocab)
+    tokenizer.chat_template = template if "{" in template else (TRL_TEMPLATES / f"{template}.jinja").read_text()
+    if eos:
+        tokenizer.eos_token = eos
+    model_dir = tiny_model_with(tokenizer, eos_ids, tmp_path / "model")
     run = tmp_path / "run"
     spin.main(["--model", str(model_dir), "--dataset", str(conversations), "--output_dir", str(run), *FLAGS, *flags])
     out = capsys.readouterr().out
@@ -126,7 +119,7 @@ def smollm2_run(smollm2, tmp_path_factory):
     code = spin.cli(["--model", str(smollm2), "--dataset", str(root / "train.jsonl"), "--eval_dataset",
                      str(root / "heldout.jsonl"), "--eval_split", "train", "--output_dir", str(run), "--iters", "2",
                      "--beta", "0.1", "--learning_rate", "2e-6", "--per_device_train_batch_size", "8",
-                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--max_length", "256",
+                     "--num_train_epochs", "1", "--max_new_tokens", "16", "--max_length", "256",
                      "--max_prompt_length", "128", "--generation_batch_size", "8", "--quiet"])
     assert code == 0
     return run
@@ -143,14 +136,20 @@ def test_a_real_chat_model_starts_every_iteration_at_log2(smollm2_run):
         assert first["margin"] == pytest.approx(0.0, abs=1e-4)
 
 
-def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run):
+def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run, smollm2):
+    from transformers import AutoTokenizer
+
     im_end = 2  # SmolLM2's <|im_end|>: its EOS and the end-of-turn token of its ChatML template
     pairs = read_jsonl(smollm2_run / "iter0" / "synthetic.jsonl") + read_jsonl(smollm2_run / "iter1" / "synthetic.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)  # the real model's own tokenizer and template
+    for p in pairs:
+        prompt, reply_ids, _ = template_ids(tokenizer, p["real"][:-1], p["real"][-1]["content"], "<|im_end|>")
+        assert p["prompt_ids"] == prompt and p["real_ids"] == reply_ids
     assert all(p["real_ids"][-1] == im_end and im_end not in p["real_ids"][:-1] for p in pairs)
     ended = [p for p in pairs if p["ended"]]
     assert ended and all(p["generated_ids"][-1] == im_end for p in ended)
     assert all(im_end not in p["generated_ids"][:-1] for p in pairs)
-    assert all(len(p["generated_ids"]) == 24 for p in pairs if not p["ended"])
+    assert all(len(p["generated_ids"]) == 16 for p in pairs if not p["ended"])
 
 
 def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run, smollm2):
@@ -178,3 +177,24 @@ def test_a_real_chat_models_checkpoints_load_and_answer(smollm2_run):
     evaluation = read_jsonl(smollm2_run / "evaluation.jsonl")
     assert [row["model"] for row in evaluation] == [0, 1, 2]
     assert all(row["eval_prompts"] == 4 and row["eval_real_logp"] < 0 for row in evaluation)
+
+
+def test_a_resumed_run_reuses_the_prompt_ids_it_rendered_first(small_sft_model, tmp_path):
+    """Templates that print today's date (Llama-3.2's) render differently on another day: a resumed
+    run must train on the ids its first day rendered, kept in tokens.jsonl. Here the template changes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(small_sft_model, model)
+    flags = ["--model", str(model), "--dataset", "toy", "--max_samples", "16", "--eval_samples", "0",
+             "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--max_length", "64",
+             "--max_prompt_length", "48", "--max_new_tokens", "8", "--quiet", "--output_dir", str(tmp_path / "run")]
+    spin.main([*flags, "--iters", "1"])
+    saved = (tmp_path / "run" / "tokens.jsonl").read_text()
+    template = model / "chat_template.jinja"
+    template.write_text("<|system|>\nToday is another day.</s>\n" + template.read_text())  # "the next day"
+    spin.main([*flags, "--iters", "2"])
+    assert (tmp_path / "run" / "tokens.jsonl").read_text() == saved
+    first, second = (read_jsonl(tmp_path / "run" / f"iter{t}" / "synthetic.jsonl") for t in range(2))
+    assert [p["prompt_ids"] for p in second] == [p["prompt_ids"] for p in first]
+    assert data.ChatFormat(models.load_model(str(model))[0]).prompt_ids(first[0]["real"][:1]) != first[0]["prompt_ids"]
