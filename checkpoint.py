@@ -12,6 +12,7 @@ is complete only when its marker `iter{t}/complete.json` exists, and that is wri
     iter{t}/model/                    θ_{t+1}
     iter{t}/complete.json             the iteration's summary row: written last
 """
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +28,46 @@ NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_ste
 
 class ConfigMismatch(ValueError):
     pass
+
+
+class RunInUse(ValueError):
+    """Another process holds the run directory: shown as one line, exit status 2."""
+
+
+LOCK = ".lock"  # <run>/.lock: held (flock) by the process that runs in the directory
+STARTUP_LEFTOVERS = {LOCK, "config.json.tmp"}  # all that a start killed before config.json leaves
+_held: list[int] = []  # open lock descriptors: the lock lasts as long as the process
+
+
+def lock(run: Path) -> None:
+    """One run per directory: hold an exclusive flock on <run>/.lock until this process ends. The
+    kernel releases it when the process dies, SIGKILL included, so a killed run leaves no stale lock.
+    A second process (a resubmitted job, the same command started twice) is refused before it
+    writes anything; opening an existing lock file does not change it."""
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUse(f"--output_dir {run} is in use by another SPIN run (pid {holder}); wait for it to end "
+                       f"(then the same command resumes it), or choose another --output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held.append(fd)
+
+
+def unlock() -> None:
+    """Release the run directories this process holds (the end of spin.main; a process exit does it too)."""
+    while _held:
+        os.close(_held.pop())  # closing the descriptor releases its flock
+
+
+def empty(run: Path) -> None:
+    """Remove everything in the run directory but the lock this process holds (--overwrite_output_dir)."""
+    for path in run.iterdir():
+        if path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def fsync_dir(path: Path) -> None:

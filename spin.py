@@ -22,7 +22,6 @@ Run directory (--output_dir); re-running the same command resumes it (see checkp
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -303,14 +302,20 @@ def main(argv=None) -> None:
                          f"--deepspeed configs/ds_zero3.json")
     run = Path(args.output_dir)
     config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank", "plot")}
-    resuming = (run / "config.json").exists() and not args.overwrite_output_dir
+    found = {p.name for p in run.iterdir()} if run.is_dir() else set()
+    if found and "config.json" not in found and found - checkpoint.STARTUP_LEFTOVERS:
+        raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
+    if found and args.rank == 0:
+        checkpoint.lock(run)  # one run per directory, before reading its state (checkpoint.lock)
+    resuming = "config.json" in found and not args.overwrite_output_dir
     if resuming:
         try:
             checkpoint.check_config(run, config)
         except checkpoint.ConfigMismatch as e:
             raise UsageError(str(e)) from None
-    elif run.exists() and any(run.iterdir()) and not (run / "config.json").exists():
-        raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
+    elif found and "config.json" not in found and args.rank == 0:
+        print(f"note: --output_dir {run} holds only what a start stopped before writing config.json left "
+              f"({', '.join(sorted(found))}); starting the run there")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
@@ -353,8 +358,13 @@ def main(argv=None) -> None:
           + (f"; lm-eval tasks {','.join(args.eval_tasks)}" if args.eval_tasks else ""))
 
     if not resuming and args.rank == 0:
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
+        if not found:  # a new directory: locked as soon as it exists; a second process started with us stops here
+            run.mkdir(parents=True, exist_ok=True)
+            checkpoint.lock(run)
+            if (run / "config.json").exists():
+                raise checkpoint.RunInUse(f"--output_dir {run} was started by another process meanwhile; "
+                                          f"run the same command again to resume it")
+        checkpoint.empty(run)  # --overwrite_output_dir, or what an interrupted start left
         checkpoint.write_atomic(run / "config.json", json.dumps(config, indent=1))
     if args.rank == 0 and not (run / "tokens.jsonl").exists():
         checkpoint.write_jsonl(run / "tokens.jsonl", tokens["rows"])
@@ -435,18 +445,21 @@ def main(argv=None) -> None:
         showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
                     "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
         report.print_summary(summary, showcase, run)
+    checkpoint.unlock()
 
 
 def cli(argv=None) -> int:
     """main() with bad input turned into one line on stderr and an exit status: 2 for bad input."""
     try:
         main(argv)
-    except (UsageError, ModelError, data.DataError) as e:
+    except (UsageError, ModelError, data.DataError, checkpoint.RunInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        checkpoint.unlock()  # for callers in the same process (tests); a process's exit releases it anyway
     return 0
 
 

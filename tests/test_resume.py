@@ -110,3 +110,60 @@ def test_a_diverging_run_stops_with_a_clear_message_and_marks_nothing_complete(s
     assert result.stderr.strip().count("\n") == 0 and "non-finite loss" in result.stderr
     assert "iteration 0, step 1" in result.stderr and "a re-run restarts the iteration" in result.stderr
     assert not (run / "iter0" / "complete.json").exists() and not (run / "iter0" / "model").exists()
+
+
+QUICK = ["--max_samples", "32", "--iters", "1", "--eval_samples", "0", "--per_device_train_batch_size", "8"]
+
+
+def quick(model, run, *extra):
+    return command(model, run, *QUICK, *extra)[2:]  # the flags, for spin.cli in this process
+
+
+@pytest.mark.parametrize("left", [["config.json.tmp"], [".lock", "config.json.tmp"], []])
+def test_a_start_killed_before_its_config_is_taken_over_by_the_same_command(small_sft_model, tmp_path, left, capsys):
+    """A kill between creating the directory and renaming config.json.tmp leaves only these files."""
+    import spin
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in left:
+        (run / name).write_text('{"model": "half-writ')
+    assert spin.cli(quick(small_sft_model, run)) == 0
+    out = capsys.readouterr().out
+    assert ("holds only what a start stopped before writing config.json left" in out) == bool(left)
+    assert (run / "iter0" / "complete.json").exists() and json.loads((run / "config.json").read_text())["iters"] == 1
+    assert not (run / "config.json.tmp").exists()
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes_anything(small_sft_model, tmp_path, capsys):
+    import fcntl
+
+    import spin
+
+    run = tmp_path / "run"
+    assert spin.cli(quick(small_sft_model, run)) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    holder = os.open(run / ".lock", os.O_RDWR)  # what another process running in the directory holds
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    capsys.readouterr()
+    try:
+        for extra in ([], ["--iters", "2"], ["--overwrite_output_dir"]):
+            assert spin.cli(quick(small_sft_model, run, *extra)) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"--output_dir {run} is in use by another SPIN run (pid " in err
+            assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        os.close(holder)
+    assert spin.cli(quick(small_sft_model, run, "--iters", "2")) == 0  # free again: the same command resumes
+    assert "resuming" in capsys.readouterr().out
+
+
+def test_two_runs_started_together_on_one_directory_one_runs_one_is_refused(small_sft_model, tmp_path):
+    run = tmp_path / "run"
+    processes = [subprocess.Popen(command(small_sft_model, run, *QUICK), env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=240), p.stderr.read()) for p in processes)
+    assert [code for code, _ in results] == [0, 2]
+    assert results[1][1].count("\n") == 1 and "--output_dir" in results[1][1] and "Traceback" not in results[1][1]
+    steps = [m["step"] for m in map(json.loads, (run / "iter0" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(len(steps)))  # one history, no step twice
