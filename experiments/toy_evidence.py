@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=4)
-    p.add_argument("--fast", action="store_true", help="1 seed, 2 iterations, a 1-point grid: for CI")
+    p.add_argument("--fast", action="store_true", help="1 seed, 2 iterations, a 1-point grid and so no protocol runs: for CI")
     p.add_argument("--out", default="runs/evidence")
     args = p.parse_args(argv)
     if args.fast:
@@ -110,18 +110,20 @@ def main(argv=None) -> None:
     # 1. The protocol: choose on validation prompts, seed 0, 2 iterations.
     start0 = toy.sft_model_path(seed=0)
     protocol = {"spin": [], "sft": []}
-    for beta, lr in spin_grid:
+    for beta, lr in spin_grid if len(spin_grid) > 1 else []:  # a one-point grid (--fast) has nothing to choose
         tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0, "validation")[-1]["tv_distance"]
         protocol["spin"].append({"beta": beta, "learning_rate": lr, "validation_tv": tv})
         print(f"protocol: SPIN λ={beta} lr={lr:g}: validation TV {tv:.4f}", flush=True)
-    spin_steps = [len(checkpoint.read_jsonl(out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
-                                                  / f"iter{t}" / "metrics.jsonl")) for t in range(2)]
-    for lr in sft_grid:
+    for lr in sft_grid if len(sft_grid) > 1 else []:
+        spin_steps = [len(checkpoint.read_jsonl(out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
+                                                      / f"iter{t}" / "metrics.jsonl")) for t in range(2)]
         tv = run_sft(start0, spin_steps, lr, 0, "validation")[-1]["tv_distance"]
         protocol["sft"].append({"learning_rate": lr, "validation_tv": tv})
         print(f"protocol: continued SFT lr={lr:g}: validation TV {tv:.4f}", flush=True)
-    best = min(protocol["spin"], key=lambda r: r["validation_tv"])
-    best_sft = min(protocol["sft"], key=lambda r: r["validation_tv"])
+    best = min(protocol["spin"], key=lambda r: r["validation_tv"]) if protocol["spin"] else \
+        {"beta": spin_grid[0][0], "learning_rate": spin_grid[0][1], "validation_tv": None}
+    best_sft = min(protocol["sft"], key=lambda r: r["validation_tv"]) if protocol["sft"] else \
+        {"learning_rate": sft_grid[0], "validation_tv": None}
     print(f"chosen before the final runs: SPIN λ={best['beta']} lr={best['learning_rate']:g}; "
           f"continued SFT lr={best_sft['learning_rate']:g}", flush=True)
 
