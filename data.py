@@ -155,11 +155,10 @@ class ChatFormat:
         try:
             with_header = self._render(self.PROBE[:1], add_generation_prompt=True)
             without = self._render(self.PROBE[:1], add_generation_prompt=False)
-        except Exception as e:  # jinja2's TemplateError (a template's raise_exception) and TypeError alike
+        except DataError as e:
             what = (f"--system_prompt {system_prompt!r}: " if system_prompt is not None else "") + \
                    (f"--chat_template_kwargs {json.dumps(self.template_kwargs)}: " if self.template_kwargs else "")
-            raise DataError(f"{what}the chat template of {name} cannot render a conversation with it "
-                            f"({first_line(e)})") from None
+            raise DataError(f"{what}{str(e).replace('the chat template', f'the chat template of {name}')}") from None
         if with_header == without:
             raise DataError(f"{name}: its chat template writes nothing for add_generation_prompt=True (no "
                             f"assistant header), so a prompt cannot be told from a finished conversation")
@@ -172,8 +171,11 @@ class ChatFormat:
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **self.template_kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False, **self.template_kwargs)
+        except Exception as e:  # jinja2's TemplateError (a template's raise_exception), TypeError, ...
+            raise DataError(f"the chat template cannot render this conversation ({first_line(e)})") from None
 
     def _ids(self, text: str) -> list[int]:
         # Without special tokens: the template writes the BOS itself where the model has one (Llama's).
