@@ -26,12 +26,16 @@ NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_ste
                "attn_implementation", "rank", "local_rank"}
 
 
-class ConfigMismatch(ValueError):
+class RunDirError(ValueError):
+    """A run directory this command cannot use (in use, not a run, other settings): one line, exit 2."""
+
+
+class ConfigMismatch(RunDirError):
     pass
 
 
-class RunInUse(ValueError):
-    """Another process holds the run directory: shown as one line, exit status 2."""
+class RunInUse(RunDirError):
+    pass
 
 
 LOCK = ".lock"  # <run>/.lock: held (flock) by the process that runs in the directory
@@ -171,3 +175,67 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"]
+
+
+class RunDir:
+    """--output_dir as the state of one run: taken for this process (lock), checked against the
+    configuration, and asked what is already done. Every write is rank 0's; the others wait.
+
+        run = RunDir(args, config)     # refuses a foreign directory, another process, other settings
+        run.begin(tokens)              # config.json and tokens.jsonl of a new run
+        run.completed()                # iterations whose complete.json exists
+        run.iteration(t)               # iter{t}/, made when needed
+    """
+
+    def __init__(self, args, config: dict):
+        self.path, self.config, self.args = Path(args.output_dir), config, args
+        found = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+        if found and "config.json" not in found and found - STARTUP_LEFTOVERS:
+            raise RunDirError(f"--output_dir {self.path} is a non-empty directory that is not a SPIN run; "
+                              f"choose another")
+        if found and args.rank == 0:
+            lock(self.path)  # one run per directory, before reading its state
+        self.new = not found
+        self.resuming = "config.json" in found and not args.overwrite_output_dir
+        if self.resuming:
+            check_config(self.path, config)
+        elif found and "config.json" not in found and args.rank == 0:
+            print(f"note: --output_dir {self.path} holds only what a start stopped before writing config.json "
+                  f"left ({', '.join(sorted(found))}); starting the run there")
+
+    def saved_tokens(self) -> Path | None:
+        return self.path / "tokens.jsonl" if self.resuming else None
+
+    def begin(self, token_rows: list[dict]) -> None:
+        """A new run writes its config.json (and, for every run, its tokens.jsonl if missing)."""
+        if not self.resuming and self.args.rank == 0:
+            if self.new:  # locked as soon as it exists; a second process started with this one stops here
+                self.path.mkdir(parents=True, exist_ok=True)
+                lock(self.path)
+                if (self.path / "config.json").exists():
+                    raise RunInUse(f"--output_dir {self.path} was started by another process meanwhile; "
+                                   f"run the same command again to resume it")
+            empty(self.path)  # --overwrite_output_dir, or what an interrupted start left
+            write_atomic(self.path / "config.json", json.dumps(self.config, indent=1))
+        if self.args.rank == 0 and not (self.path / "tokens.jsonl").exists():
+            write_jsonl(self.path / "tokens.jsonl", token_rows)
+        self._wait()
+
+    def completed(self) -> int:
+        """The number of complete iterations (cleaning what a kill right after a marker left)."""
+        t = 0
+        while (self.path / f"iter{t}" / "complete.json").exists():
+            if self.args.rank == 0:
+                clean(self.path / f"iter{t}")
+            t += 1
+        return t
+
+    def iteration(self, t: int) -> Path:
+        if self.args.rank == 0:
+            (self.path / f"iter{t}").mkdir(exist_ok=True)
+        self._wait()
+        return self.path / f"iter{t}"
+
+    def _wait(self) -> None:  # the other ranks wait for rank 0's writes
+        if self.args.world_size > 1:
+            torch.distributed.barrier()

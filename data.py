@@ -20,6 +20,7 @@ Prompts are cut from the left (the end, with the assistant header, is what the r
 replies are cut to fit max_length, and a reply that was cut is trained without its end-of-turn.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,6 +125,17 @@ def _normalize(i: int, record, turn: str) -> dict:
     if not response.strip():
         raise DataError(f"row {i}: the human response is empty")
     return {"id": i, "messages": context, "response": response}  # id: the row's place in the source
+
+
+@dataclass
+class RunData:
+    """A run's data as tokens, rendered once (spin.prepare): the training rows, their prompt ids
+    (cut to --max_prompt_length) and human reply ids, the held-out set, and the stop ids."""
+    rows: list[dict]
+    prompts: list[list[int]]
+    real_ids: list[list[int]]
+    heldout: dict  # {"rows", "prompts", "real_ids"}
+    stop: list[int]
 
 
 class ChatFormat:

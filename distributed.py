@@ -95,29 +95,90 @@ def deepspeed_config(args) -> dict:
     return config
 
 
-def wrap(model, optimizer, args):
-    """The DeepSpeed engine around policy and optimizer, or None on the plain single-process path."""
-    if not args.deepspeed:
-        return None
-    import deepspeed
+class Plain:
+    """One process, plain PyTorch: the optimizer steps the model itself.
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
-    return engine
+    The few operations a training step needs, the same for both backends (spin.train):
+    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state, save_model."""
+
+    applies_before_check = False  # clip() only measures and clips; update() applies the step
+
+    def __init__(self, model, optimizer, args):
+        self.policy, self.optimizer, self.max_grad_norm = model, optimizer, args.max_grad_norm
+
+    def backward(self, loss, last: bool) -> None:
+        loss.backward()
+
+    def clip(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm).item()
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, path: Path, scheduler, step: int) -> bool:
+        import checkpoint
+
+        checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
+        return True
+
+    def load_state(self, path: Path, scheduler) -> int:
+        """The step a stopped run saved its state at (every --save_steps), or 0 with nothing saved."""
+        import checkpoint
+
+        if not (path.exists() or path.with_name("checkpoint.old").exists()):
+            return 0
+        return checkpoint.load_training_state(path, self.policy, self.optimizer, scheduler)
+
+    def save_model(self, tokenizer, path: Path, args) -> None:
+        import checkpoint
+
+        checkpoint.save_model(self.policy, tokenizer, path)
 
 
-def save_model(engine, model, tokenizer, path: Path, args) -> None:
-    """θ_{t+1} as a Hugging Face directory (safetensors). Under ZeRO-3 every rank joins the gather
-    of the partitioned weights, and rank 0 writes them."""
-    import checkpoint
+class Zero3:
+    """DeepSpeed ZeRO-3: the engine partitions weights, gradients and optimizer state over the ranks
+    and steps the optimizer on each rank's partition."""
 
-    if engine is None:
-        checkpoint.save_model(model, tokenizer, path)
-        return
-    # stage3_gather_16bit_weights_on_model_save: the full weights in their training dtype, on rank 0
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # the call Accelerate's get_state_dict makes
-    if args.rank == 0:
-        checkpoint.save_model(engine.module, tokenizer, path, state_dict=state_dict)
-    barrier(args)
+    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call
+
+    def __init__(self, model, optimizer, args):
+        import deepspeed
+
+        self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
+        self.rank = args.rank
+
+    def backward(self, loss, last: bool) -> None:
+        self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
+        self.policy.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean share
+
+    def clip(self) -> float:
+        self.policy.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
+        return float(self.policy.get_global_grad_norm())
+
+    def update(self) -> None:
+        pass  # done by engine.step() in clip()
+
+    def save_state(self, path: Path, scheduler, step: int) -> bool:
+        return False  # not yet: an interrupted ZeRO-3 iteration restarts its training (docs/scaling.md)
+
+    def load_state(self, path: Path, scheduler) -> int:
+        return 0
+
+    def save_model(self, tokenizer, path: Path, args) -> None:
+        """Every rank joins the gather of the partitioned weights; rank 0 writes them."""
+        import checkpoint
+
+        # stage3_gather_16bit_weights_on_model_save: the full weights in their training dtype, on rank 0
+        state_dict = self.policy._zero3_consolidated_16bit_state_dict()  # the call Accelerate's get_state_dict makes
+        if self.rank == 0:
+            checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state_dict)
+        barrier(args)
+
+
+def trainer(model, optimizer, args) -> Plain | Zero3:
+    """The training backend, chosen once: ZeRO-3 with --deepspeed, plain PyTorch without."""
+    return Zero3(model, optimizer, args) if args.deepspeed else Plain(model, optimizer, args)
 
 
 def exit_if_relaunched(argv: list[str]) -> None:

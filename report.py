@@ -4,9 +4,14 @@ step" of the presentation this project started from), evaluation.jsonl, TensorBo
 (--report_to tensorboard) and a model card in every iteration's model directory.
 """
 import json
+import time
 from pathlib import Path
 
 import checkpoint
+import distributed
+import evaluation
+import generate as gen
+import plot
 
 TRAINING = ["loss", "margin", "reward_accuracy"]  # mean of the iteration's last 10 optimizer steps
 HELDOUT = ["eval_loss", "eval_margin", "eval_reward_accuracy", "eval_real_logp", "eval_generated_length"]
@@ -149,3 +154,82 @@ def model_card(config: dict, row: dict, start: dict) -> str:
         "```json", json.dumps(config, indent=1), "```", "",
     ]
     return "\n".join(lines)
+
+
+class Report:
+    """Rank 0's account of a run: θ_0's held-out numbers, then after every iteration its row (printed,
+    complete.json, model card, evaluation.jsonl, spin.png, TensorBoard), and the summary at the end.
+    Evaluation runs on rank 0 alone (a whole copy of the model); the other ranks wait for it."""
+
+    def __init__(self, run: Path, args, config: dict, tokenizer, data):
+        self.run, self.args, self.config, self.tokenizer, self.data = run, args, config, tokenizer, data
+        self.rank0 = args.rank == 0
+        self.tracker = Tracker(run, args) if self.rank0 else None
+        self.started = time.time()
+
+    def start(self, model, completed: int) -> None:
+        """θ_0's held-out numbers (measured once per run), and the rows of the iterations already done."""
+        measured = self.rank0 and not (self.run / "start.json").exists()
+        if measured:
+            start = {"iteration": "start", **self.evaluate(model, 0)}
+            checkpoint.write_atomic(self.run / "start.json", json.dumps(start))
+        distributed.barrier(self.args)
+        self.summary = [json.loads((self.run / "start.json").read_text())] + \
+            [json.loads((self.run / f"iter{t}" / "complete.json").read_text()) for t in range(completed)]
+        self.cols = columns(self.summary[0])
+        print_header(self.cols)
+        for row in self.summary:
+            print_row(row, self.cols)
+        if self.tracker and measured:  # logged once: a resumed run's first new event is a redone step
+            self.tracker.log_eval(self.summary[0], 0)
+
+    def evaluate(self, model, s: int) -> dict:
+        return evaluation.evaluate(model, self.tokenizer, s, self.data.heldout, self.args, self.run, self.data.stop)
+
+    def log_step(self, record: dict) -> None:
+        if self.tracker:
+            self.tracker.log_step(record)
+
+    def begin_iteration(self, t: int) -> None:
+        """What a stopped run measured of θ_{t+1} is stale: training runs again."""
+        self.started = time.time()
+        if self.rank0:
+            for stale in (self.run / "eval" / f"model{t + 1}.jsonl", self.run / "eval" / f"lm_eval_model{t + 1}.json"):
+                stale.unlink(missing_ok=True)
+
+    def end_iteration(self, t: int, model, pairs: list[dict], train_pairs: list[dict], history: list[dict],
+                      learning_rate: float) -> None:
+        """θ_{t+1}'s row; iter{t}/complete.json, the marker that the iteration is done, is written last."""
+        if self.rank0:
+            args, it = self.args, self.run / f"iter{t}"
+            tail = history[-10:]  # the last 10 steps: one batch alone is noisy
+            [after] = gen.generate(model, self.tokenizer, self.data.prompts[:1], args.max_new_tokens, not args.greedy,
+                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1), stop=self.data.stop)
+            row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": learning_rate,
+                   "first_loss": history[0]["loss"],
+                   **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
+                   "ended": sum(p["ended"] for p in pairs) / len(pairs), **self.evaluate(model, t + 1),
+                   "seconds": round(time.time() - self.started, 1),
+                   "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
+            checkpoint.write_atomic(it / "model" / "README.md", model_card(self.config, row, self.summary[0]))
+            checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
+            checkpoint.clean(it)
+            print_row(row, self.cols)
+            self.summary.append(row)
+            self.tracker.log_eval(row, t + 1)
+            write_evaluation(self.run, self.summary)
+            plot.draw(self.run)
+        distributed.barrier(self.args)
+
+    def finish(self) -> None:
+        if not self.rank0:
+            return
+        summary = self.summary[:self.args.iters + 1]  # a run directory may hold more iterations than --iters
+        checkpoint.write_jsonl(self.run / "iterations.jsonl", summary[1:])
+        write_evaluation(self.run, summary)
+        plot.draw(self.run)
+        self.tracker.close()
+        row = self.data.rows[0]
+        showcase = {"prompt": row["messages"][-1]["content"], "human": row["response"],
+                    "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
+        print_summary(summary, showcase, self.run)

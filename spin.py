@@ -12,6 +12,7 @@
 
 Run directory (--output_dir); re-running the same command resumes it (see checkpoint.py):
     config.json                 the resolved configuration
+    tokens.jsonl                every prompt's and human reply's ids, rendered once by the chat template
     iterations.jsonl            one line per completed iteration: losses, rewards, toy metrics, time
     iter{t}/synthetic.jsonl     iteration t's prompts with real and generated responses and their token ids
     iter{t}/opponent_logps.jsonl   log p_θt of every training pair of iteration t
@@ -35,9 +36,9 @@ import distributed
 import evaluation
 import generate as gen
 import plot
-import report
 from cli import UsageError, go_offline_if_hub_unreachable, parse_args
 from models import ModelError, load_model
+from report import Report
 from logps import batch_logps
 from loss import spin_loss
 
@@ -80,119 +81,123 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path, on_step=None):
-    """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
-    Returns (per-step metrics, the DeepSpeed engine or None). Resumes from it/checkpoint when a
-    stopped run left one there. on_step(record) sees every step's metrics (TensorBoard)."""
-    model.train()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
-    disable_dropout(model)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)  # paper §5.1
-    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # global
-    steps_per_epoch = math.ceil(len(pairs) / batch_size)
-    total_steps = steps_per_epoch * args.num_train_epochs
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+def rmsprop(model, learning_rate: float, total_steps: int, warmup_ratio: float):
+    """The paper's optimizer (§5.1): RMSProp without weight decay; linear warmup, then linear decay."""
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
 
-    def schedule(step: int) -> float:  # linear warmup, then linear decay; no step runs at lr 0
+    def schedule(step: int) -> float:  # no step runs at lr 0
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine = distributed.wrap(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
-    policy = engine or model
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def global_batch(args) -> int:
+    """Pairs per optimizer step, over all ranks."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def batches(pairs: list[dict], iteration: int, args):
+    """(epoch, the pairs of one optimizer step over all ranks), in the order training sees them. The
+    order is a function of (seed, iteration, epoch): a resumed run sees the same batches."""
+    size = global_batch(args)
+    for epoch in range(args.num_train_epochs):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1000 * iteration + epoch))
+        for start in range(0, len(pairs), size):
+            yield epoch, [pairs[i] for i in order[start:start + size]]
+
+
+def train_step(trainer, step_pairs: list[dict], args) -> dict:
+    """Forward and backward of this rank's share of one optimizer step's pairs (Eq. 4.7); returns the
+    step's sums over all ranks: loss, rewards, reward accuracy, tokens, pairs."""
+    mine = step_pairs[args.rank::args.world_size]
+    size = args.per_device_train_batch_size
+    # Every rank runs the same number of micro-batches (ZeRO-3 gathers weights in each forward);
+    # a rank short of pairs in the last batch runs one with weight 0.
+    micro_steps = math.ceil(math.ceil(len(step_pairs) / args.world_size) / size)
+    sums = dict.fromkeys(("loss", "real_reward", "generated_reward", "reward_accuracy", "tokens", "pairs"), 0.0)
+    for k in range(micro_steps):
+        batch = mine[k * size:(k + 1) * size]
+        weight = args.world_size / len(step_pairs) if batch else 0.0  # ranks' mean -> the global mean
+        batch = batch or step_pairs[:1]
+        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,), (b,)
+        losses, real_rewards, generated_rewards = spin_loss(
+            policy_real_logps, policy_generated_logps,
+            torch.tensor([p["opponent_real_logp"] for p in batch], device=policy_real_logps.device),
+            torch.tensor([p["opponent_generated_logp"] for p in batch], device=policy_real_logps.device),
+            args.beta, args.loss_type)
+        trainer.backward(losses.sum() * weight, last=k == micro_steps - 1)  # (b,) -> this micro-batch's share
+        if weight:
+            sums["loss"] += losses.sum().item()
+            sums["real_reward"] += real_rewards.sum().item()
+            sums["generated_reward"] += generated_rewards.sum().item()
+            sums["reward_accuracy"] += (real_rewards > generated_rewards).float().sum().item()
+            sums["tokens"] += sum(len(p["prompt_ids"]) * 2 + len(p["real_ids"]) + len(p["generated_ids"]) for p in batch)
+            sums["pairs"] += len(batch)
+    return dict(zip(sums, distributed.all_sum(args, list(sums.values()))))
+
+
+def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path, on_step=None):
+    """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
+    Returns (per-step metrics, the trainer: distributed.Plain or Zero3). Resumes from it/checkpoint
+    when a stopped run left one there. on_step(record) sees every step's metrics (TensorBoard)."""
+    model.train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
+    disable_dropout(model)
+    total_steps = math.ceil(len(pairs) / global_batch(args)) * args.num_train_epochs
+    optimizer, scheduler = rmsprop(model, learning_rate, total_steps, args.warmup_ratio)
+    trainer = distributed.trainer(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
     state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
-    first_step = 0  # nothing saved: the iteration starts from θ_t, the weights the model has now
-    if engine is None and (state.exists() or state.with_name("checkpoint.old").exists()):
-        first_step = checkpoint.load_training_state(state, model, optimizer, scheduler)
+    first_step = saved_step = trainer.load_state(state, scheduler)  # 0: the iteration starts from θ_t
+    if first_step:
         print(f"iteration {iteration}: resuming training at step {first_step} of {total_steps} from {state}")
     history = [m for m in checkpoint.read_jsonl(metrics_path) if m["step"] < first_step]
     if args.rank == 0:
         checkpoint.write_jsonl(metrics_path, history)  # steps logged after the checkpoint are redone
     bar = tqdm(total=total_steps, initial=first_step, desc=f"train iteration {iteration}", unit="step",
                disable=True if args.quiet else None)
-    step, saved_step = 0, first_step
-    for epoch in range(args.num_train_epochs):
-        # The data order is a function of (seed, iteration, epoch): a resumed run sees the same batches.
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1000 * iteration + epoch))
-        for start in range(0, len(pairs), batch_size):
-            if step < first_step:
-                step += 1
-                continue
-            started = time.time()
-            step_pairs = [pairs[i] for i in order[start:start + batch_size]]
-            mine = step_pairs[args.rank::args.world_size]  # this rank's share of the global batch
-            # Every rank runs the same number of micro-batches (ZeRO-3 gathers weights in each forward);
-            # a rank short of pairs in the last batch runs one with weight 0.
-            micro_steps = math.ceil(math.ceil(len(step_pairs) / args.world_size) / args.per_device_train_batch_size)
-            micro_batches = [mine[k * args.per_device_train_batch_size:(k + 1) * args.per_device_train_batch_size]
-                             for k in range(micro_steps)]
-            totals = [0.0] * 6  # loss, real reward, generated reward, reward accuracy, tokens, pairs
-            for k, batch in enumerate(micro_batches):
-                weight = args.world_size / len(step_pairs) if batch else 0.0  # ranks' mean -> the global mean
-                batch = batch or step_pairs[:1]
-                if engine:
-                    engine.set_gradient_accumulation_boundary(k == micro_steps - 1)
-                policy_real_logps, policy_generated_logps = pair_logps(policy, batch, args)  # (b,), (b,)
-                losses, real_rewards, generated_rewards = spin_loss(
-                    policy_real_logps, policy_generated_logps,
-                    torch.tensor([p["opponent_real_logp"] for p in batch], device=policy_real_logps.device),
-                    torch.tensor([p["opponent_generated_logp"] for p in batch], device=policy_real_logps.device),
-                    args.beta, args.loss_type)
-                loss = losses.sum() * weight  # (b,) -> the step's mean loss, this micro-batch's share
-                if engine:
-                    engine.backward(loss, scale_wrt_gas=False)
-                else:
-                    loss.backward()
-                if weight:
-                    totals = [a + b for a, b in zip(totals, [
-                        losses.sum().item(), real_rewards.sum().item(), generated_rewards.sum().item(),
-                        (real_rewards > generated_rewards).float().sum().item(),
-                        sum(len(p["prompt_ids"]) * 2 + len(p["real_ids"]) + len(p["generated_ids"]) for p in batch),
-                        len(batch)])]
-            totals = distributed.all_sum(args, totals)
-            n = totals[5]
-            if engine:
-                engine.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
-                grad_norm = float(engine.get_global_grad_norm())
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-            if not (math.isfinite(totals[0]) and math.isfinite(grad_norm)):
-                kept = (f"the training state saved at step {saved_step} is kept in {state} and a re-run resumes from it"
-                        if saved_step else "no training state was saved yet: a re-run restarts the iteration")
-                raise TrainingDiverged(
-                    f"iteration {iteration}, step {step}: non-finite loss {totals[0] / n} or gradient norm "
-                    f"{grad_norm}; stopped{'' if engine else ' without applying the step'}; {kept} (or lower "
-                    f"--learning_rate and pass --overwrite_output_dir to start over)")
-            lr = scheduler.get_last_lr()[0]
-            if engine is None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            record = dict(loss=totals[0] / n, real_reward=totals[1] / n, generated_reward=totals[2] / n,
-                          reward_accuracy=totals[3] / n)
-            record["margin"] = record["real_reward"] - record["generated_reward"]
-            record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm,
-                          tokens_per_s=totals[4] / (time.time() - started))
-            if args.rank == 0:
-                checkpoint.append_jsonl(metrics_path, [record])
-                if on_step:
-                    on_step(record)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
-                            acc=f"{record['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
-            step += 1
-            if engine is None and step % args.save_steps == 0 and step < total_steps:
-                checkpoint.save_training_state(state, model, optimizer, scheduler, step)
-                saved_step = step
+    for step, (epoch, step_pairs) in enumerate(batches(pairs, iteration, args)):
+        if step < first_step:
+            continue
+        started = time.time()
+        sums = train_step(trainer, step_pairs, args)
+        grad_norm = trainer.clip()
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            raise diverged(iteration, step, sums["loss"] / sums["pairs"], grad_norm, saved_step, state, trainer)
+        lr = scheduler.get_last_lr()[0]
+        trainer.update()
+        scheduler.step()
+        record = {k: sums[k] / sums["pairs"] for k in ("loss", "real_reward", "generated_reward", "reward_accuracy")}
+        record["margin"] = record["real_reward"] - record["generated_reward"]
+        record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm,
+                      tokens_per_s=sums["tokens"] / (time.time() - started))
+        if args.rank == 0:
+            checkpoint.append_jsonl(metrics_path, [record])
+            if on_step:
+                on_step(record)
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
+                        acc=f"{record['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
+        if (step + 1) % args.save_steps == 0 and step + 1 < total_steps and trainer.save_state(state, scheduler, step + 1):
+            saved_step = step + 1
     bar.close()
-    return history, engine
+    return history, trainer
 
 
-def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], real_ids: list[list[int]], t: int,
-                 args, it: Path, stop: list[int]) -> list[dict]:
+def diverged(iteration: int, step: int, loss: float, grad_norm: float, saved_step: int, state: Path, trainer):
+    kept = (f"the training state saved at step {saved_step} is kept in {state} and a re-run resumes from it"
+            if saved_step else "no training state was saved yet: a re-run restarts the iteration")
+    return TrainingDiverged(
+        f"iteration {iteration}, step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+        f"stopped{'' if trainer.applies_before_check else ' without applying the step'}; {kept} (or lower "
+        f"--learning_rate and pass --overwrite_output_dir to start over)")
+
+
+def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Path) -> list[dict]:
     """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y').
 
     Rank r samples prompts r, r + world, ... and appends each finished batch to
@@ -202,6 +207,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], r
     if final.exists():
         print(f"iteration {t}: reusing the generated responses in {final}")
         return checkpoint.read_jsonl(final)
+    rows, prompts, real_ids = run_data.rows, run_data.prompts, run_data.real_ids
     shard = list(range(args.rank, len(rows), args.world_size))
     partial = it / f"generated.rank{args.rank}.jsonl"
     found = checkpoint.read_jsonl(partial)
@@ -219,7 +225,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], prompts: list[list[int]], r
     gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
                  args.temperature, args.top_p, args.generation_batch_size,
                  args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
-                 on_batch=on_batch, stop=stop)
+                 on_batch=on_batch, stop=run_data.stop)
     distributed.barrier(args)
     if args.rank == 0:
         samples = {}
@@ -289,37 +295,64 @@ def describe(tokenizer, ids: list[int]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.plot:  # python spin.py --plot RUN_DIR
-        if not (Path(args.plot) / "config.json").exists():
-            raise UsageError(f"--plot {args.plot}: not a SPIN run directory (no config.json)")
-        print(f"wrote {plot.draw(Path(args.plot))}")
-        return
+    if args.plot:  # python spin.py --plot RUN_DIR: redraw and exit
+        return redraw(Path(args.plot))
     if args.deepspeed and argv is None:
         distributed.exit_if_relaunched(sys.argv)  # plain `python spin.py` on a multi-GPU machine
     distributed.setup(args)
     if args.world_size > 1 and not args.deepspeed:
         raise UsageError(f"{args.world_size} processes were launched without --deepspeed; pass "
                          f"--deepspeed configs/ds_zero3.json")
-    run = Path(args.output_dir)
     config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank", "plot")}
-    found = {p.name for p in run.iterdir()} if run.is_dir() else set()
-    if found and "config.json" not in found and found - checkpoint.STARTUP_LEFTOVERS:
-        raise UsageError(f"--output_dir {run} is a non-empty directory that is not a SPIN run; choose another")
-    if found and args.rank == 0:
-        checkpoint.lock(run)  # one run per directory, before reading its state (checkpoint.lock)
-    resuming = "config.json" in found and not args.overwrite_output_dir
-    if resuming:
-        try:
-            checkpoint.check_config(run, config)
-        except checkpoint.ConfigMismatch as e:
-            raise UsageError(str(e)) from None
-    elif found and "config.json" not in found and args.rank == 0:
-        print(f"note: --output_dir {run} holds only what a start stopped before writing config.json left "
-              f"({', '.join(sorted(found))}); starting the run there")
+    run = checkpoint.RunDir(args, config)  # refuses a foreign directory, another process, other settings
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    tokenizer, model, spin_data, token_rows = prepare(args, run)  # bad input fails here, before any write
+    run.begin(token_rows)
+    print("SPIN configuration:", json.dumps(config))
+    completed = run.completed()
+    if completed:
+        print(f"resuming {run.path}: iterations 0..{completed - 1} are complete; continuing from "
+              f"iter{completed - 1}/model")
+        model = opponent(run.path / f"iter{completed - 1}" / "model", args)
+    model.to(distributed.device(args))
+    report = Report(run.path, args, config, tokenizer, spin_data)
+    report.start(model, completed)
+    previous = checkpoint.read_jsonl(run.path / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
+
+    for t in range(completed, args.iters):  # Algorithm 1
+        it = run.iteration(t)
+        report.begin_iteration(t)
+        pairs = sample_pairs(model, tokenizer, spin_data, t, args, it)  # y' ~ p_θt, the frozen opponent
+        train_pairs = pairs + (previous if args.mix_previous_iteration else [])  # §5.1: also t−1's pairs
+        attach_opponent_logps(model, train_pairs, t, args, it)  # log p_θt of y and y', once
+        lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
+        history, trainer = train(model, train_pairs, lr, t, args, it, on_step=report.log_step)  # θ_{t+1}
+        trainer.save_model(tokenizer, it / "model", args)
+        del trainer, model  # the next opponent is θ_{t+1} exactly as saved, a whole copy again
+        model = opponent(it / "model", args).to(distributed.device(args))
+        report.end_iteration(t, model, pairs, train_pairs, history, lr)
+        previous = pairs
+    report.finish()
+    checkpoint.unlock()
+
+
+def opponent(path: Path, args):
+    """θ_t from its saved directory: a whole inference copy on every rank."""
     dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
-    # Model and data first: bad input fails before anything is written to the run directory.
+    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype)[1]
+
+
+def redraw(run: Path) -> None:
+    if not (run / "config.json").exists():
+        raise UsageError(f"--plot {run}: not a SPIN run directory (no config.json)")
+    print(f"wrote {plot.draw(run)}")
+
+
+def prepare(args, run: checkpoint.RunDir):
+    """The model, the data and their tokens, all checked before anything is written. Returns
+    (tokenizer, model, data.RunData, the rows of tokens.jsonl)."""
+    dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, dtype)
     args.pad_token_id = tokenizer.pad_token_id
@@ -331,16 +364,24 @@ def main(argv=None) -> None:
         evaluation.check_tasks(args)
     chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
     stop = gen.stop_ids(model, tokenizer, chat.end_of_turn)  # every id that ends a reply
-    tokens = tokenize(chat, rows, heldout_rows, run / "tokens.jsonl" if resuming else None, args)
+    tokens = tokenize(chat, rows, heldout_rows, run.saved_tokens(), args)
     prompts = [p[-args.max_prompt_length:] for p in tokens["prompts"]]  # from the left, as in training
-    real_ids = tokens["real_ids"]
-    cut = sum(len(p) > args.max_prompt_length for p in tokens["prompts"])
-    long = sum(len(p) + len(y) > args.max_length for p, y in zip(prompts, real_ids))
-    print(f"data: {len(rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
+    heldout = {"rows": heldout_rows, "prompts": [p[-args.max_prompt_length:] for p in tokens["heldout_prompts"]],
+               "real_ids": tokens["heldout_real_ids"]}
+    spin_data = data.RunData(rows, prompts, tokens["real_ids"], heldout, stop)
+    describe_data(args, tokenizer, model, chat, tokens["prompts"], spin_data)
+    return tokenizer, model, spin_data, tokens["rows"]
+
+
+def describe_data(args, tokenizer, model, chat: data.ChatFormat, uncut: list[list[int]], d: data.RunData) -> None:
+    """What the log says about the data before the run starts: cuts, end-of-turn, stop ids, notes."""
+    cut = sum(len(p) > args.max_prompt_length for p in uncut)
+    long = sum(len(p) + len(y) > args.max_length for p, y in zip(d.prompts, d.real_ids))
+    print(f"data: {len(d.rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
           f"--max_length {args.max_length} (trained without their end-of-turn)")
     print(f"replies end with {describe(tokenizer, [chat.end_of_turn]) if chat.end_of_turn is not None else 'EOS'} "
-          f"(the chat template's end-of-turn); generation stops on {describe(tokenizer, stop)}")
+          f"(the chat template's end-of-turn); generation stops on {describe(tokenizer, d.stop)}")
     if chat.end_of_turn is None:
         print(f"note: the chat template of {args.model} writes no special token after a reply; human replies "
               f"end with the tokenizer's EOS instead (docs/differences.md)")
@@ -352,107 +393,15 @@ def main(argv=None) -> None:
     if ignored:
         print(f"note: sampling follows --temperature/--top_p/--max_new_tokens{'/--greedy' if args.greedy else ''} "
               f"only; the model's generation_config also sets {json.dumps(ignored)}, not used")
-    heldout = {"rows": heldout_rows, "prompts": [p[-args.max_prompt_length:] for p in tokens["heldout_prompts"]],
-               "real_ids": tokens["heldout_real_ids"]}
-    print(f"held-out evaluation: {len(heldout_rows)} prompts that training never sees"
+    print(f"held-out evaluation: {len(d.heldout['rows'])} prompts that training never sees"
           + (f"; lm-eval tasks {','.join(args.eval_tasks)}" if args.eval_tasks else ""))
-
-    if not resuming and args.rank == 0:
-        if not found:  # a new directory: locked as soon as it exists; a second process started with us stops here
-            run.mkdir(parents=True, exist_ok=True)
-            checkpoint.lock(run)
-            if (run / "config.json").exists():
-                raise checkpoint.RunInUse(f"--output_dir {run} was started by another process meanwhile; "
-                                          f"run the same command again to resume it")
-        checkpoint.empty(run)  # --overwrite_output_dir, or what an interrupted start left
-        checkpoint.write_atomic(run / "config.json", json.dumps(config, indent=1))
-    if args.rank == 0 and not (run / "tokens.jsonl").exists():
-        checkpoint.write_jsonl(run / "tokens.jsonl", tokens["rows"])
-    distributed.barrier(args)
-    print("SPIN configuration:", json.dumps(config))
-    completed = 0
-    while (run / f"iter{completed}" / "complete.json").exists():
-        if args.rank == 0:
-            checkpoint.clean(run / f"iter{completed}")
-        completed += 1
-    if completed:
-        print(f"resuming {run}: iterations 0..{completed - 1} are complete; continuing from iter{completed - 1}/model")
-        _, model = load_model(str(run / f"iter{completed - 1}" / "model"), args.attn_implementation, args.trust_remote_code, dtype)
-    model.to(distributed.device(args))
-    tracker = report.Tracker(run, args) if args.rank == 0 else None
-
-    # Evaluation runs on rank 0 alone (a whole copy of the model on every rank); the others wait.
-    measure_start = args.rank == 0 and not (run / "start.json").exists()
-    if measure_start:
-        start = {"iteration": "start", **evaluation.evaluate(model, tokenizer, 0, heldout, args, run, stop)}
-        checkpoint.write_atomic(run / "start.json", json.dumps(start))
-    distributed.barrier(args)
-    summary = [json.loads((run / "start.json").read_text())] + \
-        [json.loads((run / f"iter{t}" / "complete.json").read_text()) for t in range(completed)]
-    cols = report.columns(summary[0])
-    report.print_header(cols)
-    for row in summary:
-        report.print_row(row, cols)
-    if tracker and measure_start:  # logged once: a resumed run's first new event is a redone step
-        tracker.log_eval(summary[0], 0)
-    previous = checkpoint.read_jsonl(run / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
-    for t in range(completed, args.iters):
-        it = run / f"iter{t}"
-        if args.rank == 0:
-            it.mkdir(exist_ok=True)
-        distributed.barrier(args)
-        started = time.time()
-        pairs = sample_pairs(model, tokenizer, rows, prompts, real_ids, t, args, it, stop)  # y' ~ p_θt, the frozen opponent
-        # The paper (§5.1): iteration t ≥ 1 trains on the synthetic data of iterations t−1 and t.
-        train_pairs = pairs + (previous if args.mix_previous_iteration else [])
-        attach_opponent_logps(model, train_pairs, t, args, it)
-        if args.rank == 0:  # what a stopped run measured of θ_{t+1} is stale: training runs again below
-            for stale in (run / "eval" / f"model{t + 1}.jsonl", run / "eval" / f"lm_eval_model{t + 1}.json"):
-                stale.unlink(missing_ok=True)
-        lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history, engine = train(model, train_pairs, lr, t, args, it, on_step=tracker.log_step if tracker else None)
-        distributed.save_model(engine, model, tokenizer, it / "model", args)  # θ_{t+1}
-        # The next opponent is θ_{t+1} exactly as saved: a whole copy again, also after ZeRO-3 partitioned it.
-        del engine, model
-        _, model = load_model(str(it / "model"), args.attn_implementation, args.trust_remote_code, dtype)
-        model.to(distributed.device(args))
-        if args.rank == 0:
-            tail = history[-10:]  # the last 10 steps: one batch alone is noisy
-            [after] = gen.generate(model, tokenizer, prompts[:1], args.max_new_tokens, not args.greedy,
-                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1), stop=stop)
-            row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": lr, "first_loss": history[0]["loss"],
-                   **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},
-                   "ended": sum(p["ended"] for p in pairs) / len(pairs),
-                   **evaluation.evaluate(model, tokenizer, t + 1, heldout, args, run, stop),
-                   "seconds": round(time.time() - started, 1),
-                   "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
-            checkpoint.write_atomic(it / "model" / "README.md", report.model_card(config, row, summary[0]))
-            checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
-            checkpoint.clean(it)
-            report.print_row(row, cols)
-            summary.append(row)
-            tracker.log_eval(row, t + 1)
-            report.write_evaluation(run, summary)
-            plot.draw(run)
-        distributed.barrier(args)
-        previous = pairs
-    if args.rank == 0:
-        summary = summary[:args.iters + 1]  # a run directory may hold more iterations than --iters asks for
-        checkpoint.write_jsonl(run / "iterations.jsonl", summary[1:])
-        report.write_evaluation(run, summary)
-        plot.draw(run)
-        tracker.close()
-        showcase = {"prompt": rows[0]["messages"][-1]["content"], "human": rows[0]["response"],
-                    "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
-        report.print_summary(summary, showcase, run)
-    checkpoint.unlock()
 
 
 def cli(argv=None) -> int:
     """main() with bad input turned into one line on stderr and an exit status: 2 for bad input."""
     try:
         main(argv)
-    except (UsageError, ModelError, data.DataError, checkpoint.RunInUse) as e:
+    except (UsageError, ModelError, data.DataError, checkpoint.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

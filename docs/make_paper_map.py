@@ -45,7 +45,7 @@ ENTRIES = [
      r" - \lambda \log \frac{p_\theta(y'_i|x_i)}{p_{\theta_t}(y'_i|x_i)}\Big)",
      "spin.py", "losses, real_rewards, generated_rewards = spin_loss(", 5),
     ("Output: θ_T (each θ_{t+1} is saved, and is the next opponent)", r"\theta_T",
-     "spin.py", "distributed.save_model(engine, model, tokenizer", 1),
+     "spin.py", "trainer.save_model(tokenizer, it / \"model\", args)", 1),
     ("## Section 5: theory, checked exactly on a tabular policy", None, None, None, 0),
     ("Theorem 5.2: θ_t is a global minimum of L_SPIN(·, θ_t) iff p_θt = p_data; then the loss is ℓ(0)",
      r"p_{\theta_t}(\cdot|x) = p_{data}(\cdot|x) \;\Longrightarrow\; L_{SPIN}(\theta, \theta_t) \ge \ell(0) = "

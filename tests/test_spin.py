@@ -98,8 +98,8 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     args, model, pairs = toy_pairs
     model = type(model).from_pretrained(args.model)  # a fresh copy: θ = θ_t
     args.per_device_train_batch_size, args.warmup_ratio, args.num_train_epochs = len(pairs), 0.0, 1
-    history, engine = spin.train(model, pairs, 1e-4, 0, args, tmp_path)
-    assert engine is None  # no --deepspeed: the plain PyTorch path
+    history, trainer = spin.train(model, pairs, 1e-4, 0, args, tmp_path)
+    assert isinstance(trainer, spin.distributed.Plain)  # no --deepspeed: the plain PyTorch path
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         real, generated = spin.pair_logps(model, pairs, args)

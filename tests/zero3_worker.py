@@ -31,9 +31,9 @@ pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.ChatFormat(tokenizer
 spin.opponent_logps(model, pairs, args)
 it = out.parent / "iter"
 it.mkdir(exist_ok=True)
-history, engine = spin.train(model, pairs, 1e-4, 0, args, it)
-distributed.save_model(engine, model, tokenizer, out.parent / "model", args)
-params = dict(engine.module.named_parameters())
+history, trainer = spin.train(model, pairs, 1e-4, 0, args, it)
+trainer.save_model(tokenizer, out.parent / "model", args)
+params = dict(trainer.policy.module.named_parameters())
 with deepspeed.zero.GatheredParameters(list(params.values())):
     if args.rank == 0:
         saved = load_file(out.parent / "model" / "model.safetensors")
