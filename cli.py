@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 import distributed
-from data import first_line
 from recipes import DEFAULTS, RECIPES
 
 
@@ -165,26 +164,3 @@ def validate(args) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation); or use sdpa")
-
-
-def go_offline_if_hub_unreachable(*names: str) -> None:
-    """Without network, huggingface_hub retries each request for ~30 s before giving up. A 3 s probe
-    instead: when the Hub cannot be reached, switch to offline mode, so cached models still load
-    and anything else fails at once with the message of models.load_model or data.load_rows.
-
-    The probe is an HTTP request through huggingface_hub's own client, so it goes where the
-    downloads would go: through HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (and past NO_PROXY) on a
-    cluster whose only way out is a proxy."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n == "toy" or Path(n).exists() for n in names):
-        return
-    import huggingface_hub
-    import huggingface_hub.constants
-
-    endpoint = huggingface_hub.constants.ENDPOINT
-    try:
-        huggingface_hub.get_session().head(endpoint, timeout=3)  # any HTTP answer, even an error status, is "reachable"
-    except Exception as e:  # httpx's ConnectError, ProxyError, timeouts: no answer
-        print(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally cached "
-              f"models and data sets")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -7,7 +7,7 @@ prompt x and the human ("real") response y. Sources:
   - a local .jsonl / .json / .parquet file with a `messages` column, the official SPIN `real`
     column (a user and an assistant message; `generated` is ignored: we sample our own), or plain
     `prompt` / `response` columns;
-  - `toy`: the embedded toy data set (toy.py).
+  - `toy`: the embedded toy data set (toy.load_rows resolves the name; this module knows no toy).
 
 Every row becomes {"id", "messages" (the prompt conversation), "response" (a string)}.
 
@@ -34,10 +34,6 @@ class DataError(ValueError):
 
 def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset") -> list[dict]:
     """Rows in the common schema from the toy, a local file or the Hub; errors name `flag`."""
-    if source == "toy":
-        import toy
-
-        return toy.make_rows(split)
     path = Path(source)
     if path.exists():
         table = _read_local(path)

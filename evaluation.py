@@ -34,6 +34,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import generate as gen
+import toy
 from logps import batch_logps
 from loss import spin_loss
 
@@ -45,7 +46,7 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
         return rows, []
     source = args.eval_dataset or ("toy" if args.dataset == "toy" else None)
     if source:
-        held = data.load_rows(source, args.eval_split, args.turn, "--eval_dataset")
+        held = toy.load_rows(source, args.eval_split, args.turn, "--eval_dataset")
         if len(held) > args.eval_samples:
             held = [held[i] for i in sorted(random.Random(args.seed).sample(range(len(held)), args.eval_samples))]
         return rows, held
@@ -165,11 +166,14 @@ def check_tasks(args) -> None:
                          f"local YAML tasks go in evals/ or --eval_include_path)")
 
 
-def toy_metrics(model, tokenizer, args) -> dict:
-    """The toy's task metrics on its test prompts: accuracy, exact distance to p_data (toy.evaluate)."""
-    import toy
-
-    return toy.evaluate_split(model, tokenizer, "test", args.max_new_tokens, args.generation_batch_size)
+def toy_metrics(model, tokenizer, split: str = "test", max_new_tokens: int = 16, batch_size: int = 500) -> dict:
+    """The toy's task metrics on a split's prompts, from the model's greedy answers to them: accuracy,
+    exact distance to p_data (toy.evaluate)."""
+    rows = toy.make_rows(split)
+    chat = data.ChatFormat(tokenizer)
+    greedy = gen.generate(model, tokenizer, [chat.prompt_ids(r["messages"]) for r in rows], max_new_tokens,
+                          do_sample=False, batch_size=batch_size)
+    return toy.evaluate(model, tokenizer, rows, greedy)
 
 
 def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path, stop: list[int] | None = None) -> dict:
@@ -180,7 +184,7 @@ def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path, stop: lis
         samples = sample_and_score(model, tokenizer, heldout, s, previous, args, run / "eval" / f"model{s}.jsonl", stop)
         row.update(metrics(samples, previous, args.beta, args.loss_type))
     if args.dataset == "toy":
-        row.update(toy_metrics(model, tokenizer, args))
+        row.update(toy_metrics(model, tokenizer, "test", args.max_new_tokens, args.generation_batch_size))
     if args.eval_tasks:
         row.update(lm_eval_scores(model, tokenizer, args, run / "eval" / f"lm_eval_model{s}.json"))
     return row

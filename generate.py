@@ -112,6 +112,7 @@ def main(argv=None) -> None:
     import cli
     import data
     import models
+    import toy
 
     p = cli.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
@@ -131,8 +132,8 @@ def main(argv=None) -> None:
                    help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}'")
     args = p.parse_args(argv)
     try:
-        cli.go_offline_if_hub_unreachable(args.model, args.data)
-        rows = data.load_rows(args.data, args.split)[: args.max_samples]
+        models.go_offline_if_hub_unreachable(args.model, args.data)
+        rows = toy.load_rows(args.data, args.split)[: args.max_samples]
         tokenizer, model = models.load_model(args.model)
         chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
         prompts = [chat.prompt_ids(r["messages"])[-args.max_prompt_length:] for r in rows]

@@ -36,8 +36,9 @@ import distributed
 import evaluation
 import generate as gen
 import plot
-from cli import UsageError, go_offline_if_hub_unreachable, parse_args
-from models import ModelError, load_model
+import toy
+from cli import UsageError, parse_args
+from models import ModelError, go_offline_if_hub_unreachable, load_model
 from report import Report
 from logps import batch_logps
 from loss import spin_loss
@@ -356,7 +357,7 @@ def prepare(args, run: checkpoint.RunDir):
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, dtype)
     args.pad_token_id = tokenizer.pad_token_id
-    rows = data.load_rows(args.dataset, args.dataset_split, args.turn)
+    rows = toy.load_rows(args.dataset, args.dataset_split, args.turn)  # "toy" is resolved here, once
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
     if args.max_samples and args.max_samples < len(rows):
         rows = [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.max_samples))]

@@ -69,6 +69,11 @@ def build_tokenizer():
     )
 
 
+def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset") -> list[dict]:
+    """data.load_rows, where the name "toy" means this module's data set."""
+    return make_rows(split) if source == "toy" else data.load_rows(source, split, turn, flag)
+
+
 def p_data(prompt: str) -> dict[str, float]:
     """The true response distribution of one toy prompt "a+b" (forms can coincide when a == b)."""
     a, b = prompt.split("+")
@@ -187,19 +192,11 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     return {"accuracy": correct / n, "tv_distance": tv / n, "valid_mass": valid_mass / n}
 
 
-def evaluate_split(model, tokenizer, split: str = "test", max_new_tokens: int = 16, batch_size: int = 500) -> dict:
-    """toy.evaluate on a split's prompts, with the model's greedy answers to them."""
-    import generate
-
-    rows = make_rows(split)
-    prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
-    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size)
-    return evaluate(model, tokenizer, rows, greedy)
-
-
 if __name__ == "__main__":
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = sft_model_path()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    print(path, {k: round(v, 4) for k, v in evaluate_split(model, tokenizer).items()})
+    import evaluation  # the command only: evaluation sits above this module
+
+    print(path, {k: round(v, 4) for k, v in evaluation.toy_metrics(model, tokenizer).items()})

@@ -30,7 +30,7 @@ ENTRIES = [
      "loss.py", 'if loss_type == "logistic":', 8),
     ("## Algorithm 1: Self-Play Fine-Tuning", None, None, None, 0),
     ("Input: the SFT data set {(x_i, y_i)}, y_i ~ p_data(·|x_i)", r"\{(x_i, y_i)\}_{i \in [N]}",
-     "spin.py", "rows = data.load_rows(", 3),
+     "spin.py", "rows = toy.load_rows(", 3),
     ("Input: the SFT model p_θ0", r"\theta_0", "spin.py", "tokenizer, model = load_model(args.model", 1),
     ("Line 1: for t = 0, ..., T − 1", r"\textbf{for } t = 0, \dots, T - 1",
      "spin.py", "for t in range(completed, args.iters):", 1),

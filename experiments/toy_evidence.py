@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
@@ -50,7 +51,7 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
                            {"steps": len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))})
         else:
             tokenizer, model = models.load_model(str(out / f"iter{t}" / "model"))
-            results.append(toy.evaluate_split(model, tokenizer, split))
+            results.append(evaluation.toy_metrics(model, tokenizer, split))
     return results
 
 
@@ -82,7 +83,7 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        results.append(toy.evaluate_split(model, tokenizer, split) | {"steps": total})
+        results.append(evaluation.toy_metrics(model, tokenizer, split) | {"steps": total})
     return results
 
 
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         start = toy.sft_model_path(seed=seed)
         tokenizer, model = models.load_model(str(start))
-        initial = toy.evaluate_split(model, tokenizer, "test")
+        initial = evaluation.toy_metrics(model, tokenizer, "test")
         spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
                                 seed, "test")
         sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"], seed, "test")

@@ -79,7 +79,7 @@ def test_the_hub_probe_goes_through_the_proxy_that_huggingface_hub_uses(monkeypa
     import huggingface_hub
     import huggingface_hub.constants
 
-    import cli
+    import models
 
     seen = []
 
@@ -102,12 +102,12 @@ def test_the_hub_probe_goes_through_the_proxy_that_huggingface_hub_uses(monkeypa
     try:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
         huggingface_hub.close_session()  # the client reads the proxy settings when it is made
-        cli.go_offline_if_hub_unreachable("someone/some-model")
+        models.go_offline_if_hub_unreachable("someone/some-model")
         assert seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
         assert "HF_HUB_OFFLINE" not in os.environ  # reachable through the proxy: stays online
         monkeypatch.delenv("HTTP_PROXY")
         huggingface_hub.close_session()
-        cli.go_offline_if_hub_unreachable("someone/some-model")
+        models.go_offline_if_hub_unreachable("someone/some-model")
         assert "note: http://hub.invalid cannot be reached" in capsys.readouterr().out
         assert os.environ["HF_HUB_OFFLINE"] == "1" and len(seen) == 1
     finally:
