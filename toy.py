@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import data
-from loss import sequence_logps
+from logps import from_logits as sequence_logps
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 # zephyr's template: <|user|>\n{content}</s>\n<|assistant|>\n{content}</s>\n

@@ -4,7 +4,7 @@ and the recipe's length (T = 1,024), the first half of each sequence prompt.
 
     naive: logits at every position (B, T, V), float32 log_softmax over all of them, gather.
     lean:  logits at response positions only (N, V) (logps.batch_logps does this inside the model's
-           forward), then loss.TokenLogps: float32 logsumexp in chunks, softmax recomputed in backward,
+           forward), then logps.TokenLogps: float32 logsumexp in chunks, softmax recomputed in backward,
            the gradient written over the logits.
 
     python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000; float32 and bfloat16
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from loss import IGNORE_INDEX, response_logps  # noqa: E402
+from logps import response_logps  # noqa: E402
+from loss import IGNORE_INDEX  # noqa: E402
 
 
 def naive(hidden, weight, labels):
@@ -45,7 +46,7 @@ def naive(hidden, weight, labels):
 
 
 def lean(hidden, weight, labels):
-    """What logps.batch_logps and loss.response_logps compute, with the head written out."""
+    """What logps.batch_logps and logps.response_logps compute, with the head written out."""
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     positions = F.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
     logits = F.linear(hidden[positions], weight)  # (N, V)

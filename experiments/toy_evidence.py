@@ -30,7 +30,7 @@ import evaluation  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
-from loss import sequence_logps  # noqa: E402
+from logps import from_logits as sequence_logps  # noqa: E402
 
 SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
 SFT_GRID = [3e-5, 1e-4, 3e-4]

@@ -1,9 +1,10 @@
-"""loss.TokenLogps (chunked, own backward) and logps.batch_logps (logits at response positions only)
-against plain autograd on full logits: the same values and gradients."""
+"""logps.py (chunked TokenLogps with its own backward; logits at response positions only) against
+loss.sequence_logps, the plain definition, and plain autograd: the same values and gradients."""
 import pytest
 import torch
 
 import data
+import logps
 import loss
 from logps import batch_logps
 
@@ -18,7 +19,7 @@ def reference(logits, labels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logps_values_and_gradients_equal_autograd(dtype, monkeypatch):
-    monkeypatch.setattr(loss.TokenLogps, "CHUNK_BYTES", 4 * 7 * 50)  # 7 rows per chunk: several chunks, a ragged last
+    monkeypatch.setattr(logps.TokenLogps, "CHUNK_BYTES", 4 * 7 * 50)  # 7 rows per chunk: several chunks, a ragged last
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 20, 50, generator=generator).to(dtype).requires_grad_(True)
     labels = torch.randint(50, (3, 20), generator=generator)
@@ -27,8 +28,12 @@ def test_token_logps_values_and_gradients_equal_autograd(dtype, monkeypatch):
     weights = torch.randn(3, generator=generator)
     expected = reference(logits, labels)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
-    got = loss.sequence_logps(logits, labels)
+    got = logps.from_logits(logits, labels)
     (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    definition = loss.sequence_logps(logits, labels)
+    (grad_definition,) = torch.autograd.grad((definition * weights).sum(), logits)
+    assert torch.allclose(definition, expected, atol=1e-5)
+    assert torch.allclose(grad_definition.float(), grad_expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
     assert got.dtype == torch.float32
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(grad_got.float(), grad_expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
@@ -42,7 +47,7 @@ def test_overwrite_gives_the_same_gradient_and_refuses_a_second_backward():
     mask = torch.tensor([[True] * 5 + [False], [False] * 2 + [True] * 4])
     grads = []
     for overwrite in (False, True):
-        out = loss.response_logps(hidden @ head.T, targets, mask, overwrite=overwrite)
+        out = logps.response_logps(hidden @ head.T, targets, mask, overwrite=overwrite)
         (g,) = torch.autograd.grad(out.sum(), hidden, retain_graph=True)
         grads.append(g)
     assert torch.equal(grads[0], grads[1])
