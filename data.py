@@ -219,6 +219,17 @@ class ChatFormat:
         return self._ids(full_text[len(prompt_text):])
 
 
+def seed(base: int, purpose: str, t: int, rank: int = 0, epoch: int = 0) -> int:
+    """Every random stream of a run, derived from --seed (base), so that the same run, and a resumed
+    one, draws the same numbers:
+      "samples": y' ~ p_θt, iteration t's synthetic responses on one rank (and the showcase sample of θ_t);
+      "heldout": θ_t's responses to the held-out prompts (evaluation.py);
+      "order":   the training order of iteration t's pairs in one epoch."""
+    return {"samples": base + 1_000_000 * t + 10_000 * rank,
+            "heldout": base + 1_000_000 * t + 500_000,
+            "order": base + 1000 * t + epoch}[purpose]
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries raise paragraphs), or its type."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

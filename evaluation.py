@@ -35,7 +35,7 @@ import checkpoint
 import data
 import generate as gen
 import toy
-from logps import batch_logps
+from logps import score as logps_score
 from loss import spin_loss
 
 
@@ -59,16 +59,12 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
 def score(model, prompts: list[list[int]], responses: list[list[int]], args, desc: str) -> list[tuple[float, int]]:
     """(log p(response|prompt), scored tokens) for each pair, cut as in training (data.build_sequence)."""
     model.eval()
-    device = next(model.parameters()).device
     size = args.per_device_train_batch_size
     out = []
     for start in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=True if args.quiet else None):
-        sequences = [data.build_sequence(p, r, args.max_prompt_length, args.max_length)
-                     for p, r in zip(prompts[start:start + size], responses[start:start + size])]
-        batch = {k: v.to(device) for k, v in data.collate(sequences, args.pad_token_id).items()}
-        logps = batch_logps(model, batch, args.bf16).tolist()
-        tokens = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum(dim=1).tolist()
-        out += list(zip(logps, tokens))
+        logps, tokens = logps_score(model, prompts[start:start + size], responses[start:start + size],
+                                    args.max_prompt_length, args.max_length, args.pad_token_id, args.bf16)
+        out += list(zip(logps.tolist(), tokens.tolist()))
     return out
 
 
@@ -81,7 +77,7 @@ def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dic
         return saved
     prompts, real_ids = heldout["prompts"], heldout["real_ids"]
     samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
-                           args.top_p, args.generation_batch_size, args.seed + 1_000_000 * s + 500_000,
+                           args.top_p, args.generation_batch_size, data.seed(args.seed, "heldout", s),
                            progress=not args.quiet, stop=stop)
     real = score(model, prompts, real_ids, args, f"eval θ{s}: log p(y)")
     generated = score(model, prompts, [g["generated_ids"] for g in samples], args, f"eval θ{s}: log p(y')")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import checkpoint
+import data
 import distributed
 import evaluation
 import generate as gen
@@ -161,8 +162,8 @@ class Report:
     complete.json, model card, evaluation.jsonl, spin.png, TensorBoard), and the summary at the end.
     Evaluation runs on rank 0 alone (a whole copy of the model); the other ranks wait for it."""
 
-    def __init__(self, run: Path, args, config: dict, tokenizer, data):
-        self.run, self.args, self.config, self.tokenizer, self.data = run, args, config, tokenizer, data
+    def __init__(self, run: Path, args, config: dict, tokenizer, run_data):
+        self.run, self.args, self.config, self.tokenizer, self.data = run, args, config, tokenizer, run_data
         self.rank0 = args.rank == 0
         self.tracker = Tracker(run, args) if self.rank0 else None
         self.started = time.time()
@@ -204,7 +205,7 @@ class Report:
             args, it = self.args, self.run / f"iter{t}"
             tail = history[-10:]  # the last 10 steps: one batch alone is noisy
             [after] = gen.generate(model, self.tokenizer, self.data.prompts[:1], args.max_new_tokens, not args.greedy,
-                                   args.temperature, args.top_p, 1, args.seed + 1_000_000 * (t + 1), stop=self.data.stop)
+                                   args.temperature, args.top_p, 1, data.seed(args.seed, "samples", t + 1), stop=self.data.stop)
             row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": learning_rate,
                    "first_loss": history[0]["loss"],
                    **{k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "margin", "reward_accuracy")},

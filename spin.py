@@ -40,7 +40,7 @@ import toy
 from cli import UsageError, parse_args
 from models import ModelError, go_offline_if_hub_unreachable, load_model
 from report import Report
-from logps import batch_logps
+from logps import score
 from loss import spin_loss
 
 
@@ -50,11 +50,9 @@ class TrainingDiverged(RuntimeError):
 
 def pair_logps(model, pairs: list[dict], args) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y|x) and log p(y'|x) of a batch of pairs, real and generated in ONE forward pass."""
-    device = next(model.parameters()).device
-    sequences = [data.build_sequence(p["prompt_ids"], p[key], args.max_prompt_length, args.max_length)
-                 for key in ("real_ids", "generated_ids") for p in pairs]
-    batch = {k: v.to(device) for k, v in data.collate(sequences, args.pad_token_id).items()}
-    logps = batch_logps(model, batch, args.bf16)  # (2B,) logits at response positions only (logps.py)
+    logps, _ = score(model, [p["prompt_ids"] for p in pairs] * 2,
+                     [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs],
+                     args.max_prompt_length, args.max_length, args.pad_token_id, args.bf16)  # (2B,) logps.py
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
@@ -105,7 +103,8 @@ def batches(pairs: list[dict], iteration: int, args):
     order is a function of (seed, iteration, epoch): a resumed run sees the same batches."""
     size = global_batch(args)
     for epoch in range(args.num_train_epochs):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1000 * iteration + epoch))
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
+            data.seed(args.seed, "order", iteration, epoch=epoch)))
         for start in range(0, len(pairs), size):
             yield epoch, [pairs[i] for i in order[start:start + size]]
 
@@ -225,7 +224,7 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
 
     gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
                  args.temperature, args.top_p, args.generation_batch_size,
-                 args.seed + 1_000_000 * t + 10_000 * args.rank, progress=not args.quiet, done=done,
+                 data.seed(args.seed, "samples", t, args.rank), progress=not args.quiet, done=done,
                  on_batch=on_batch, stop=run_data.stop)
     distributed.barrier(args)
     if args.rank == 0:
