@@ -28,9 +28,9 @@ FAMILIES = {  # name: tokenizer, template, EOS to set, generation_config eos ids
                            ["--chat_template_kwargs", '{"enable_thinking": false}'], "<|im_end|>"),
 }
 OLD_WAY_WRONG = ["zephyr (Mistral SentencePiece)", "llama3, first-release EOS", "phi3"]  # the measurements
-FLAGS = ["--iters", "1", "--max_new_tokens", "6", "--per_device_train_batch_size", "6", "--num_train_epochs", "1",
+FLAGS = ["--iters", "1", "--max_new_tokens", "4", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
          "--learning_rate", "1e-4", "--max_length", "256", "--max_prompt_length", "192", "--eval_samples", "0",
-         "--generation_batch_size", "6", "--quiet"]
+         "--generation_batch_size", "4", "--quiet"]
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def conversations(tmp_path_factory):
     path = tmp_path_factory.mktemp("chitchat") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(6)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(4)))
     return path
 
 
@@ -93,7 +93,7 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
     stop = {tokenizer.eos_token_id, eot, *(eos_ids or [])}
     assert f"generation stops on {spin.describe(tokenizer, sorted(stop))}" in out
     pairs = [json.loads(line) for line in (run / "iter0" / "synthetic.jsonl").read_text().splitlines()]
-    assert len(pairs) == 6
+    assert len(pairs) == 4
     for pair in pairs:
         messages, reply = system + pair["real"][:-1], pair["real"][-1]["content"]
         prompt, reply_ids, written = template_ids(tokenizer, messages, reply, end_of_turn, **kwargs)
@@ -119,7 +119,7 @@ def smollm2_run(smollm2, tmp_path_factory):
     code = spin.cli(["--model", str(smollm2), "--dataset", str(root / "train.jsonl"), "--eval_dataset",
                      str(root / "heldout.jsonl"), "--eval_split", "train", "--output_dir", str(run), "--iters", "2",
                      "--beta", "0.1", "--learning_rate", "2e-6", "--per_device_train_batch_size", "8",
-                     "--num_train_epochs", "1", "--max_new_tokens", "16", "--max_length", "256",
+                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--max_length", "256",
                      "--max_prompt_length", "128", "--generation_batch_size", "8", "--quiet"])
     assert code == 0
     return run
@@ -149,7 +149,7 @@ def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run, sm
     ended = [p for p in pairs if p["ended"]]
     assert ended and all(p["generated_ids"][-1] == im_end for p in ended)
     assert all(im_end not in p["generated_ids"][:-1] for p in pairs)
-    assert all(len(p["generated_ids"]) == 16 for p in pairs if not p["ended"])
+    assert all(len(p["generated_ids"]) == 24 for p in pairs if not p["ended"])
 
 
 def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run, smollm2):

@@ -19,7 +19,8 @@ def command(model, run, *extra):
     return [sys.executable, str(ROOT / "spin.py"), "--model", str(model), "--dataset", "toy", "--max_samples", "240",
             "--iters", "2", "--generation_batch_size", "8", "--per_device_train_batch_size", "8", "--save_steps", "4",
             "--num_train_epochs", "1", "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48",
-            "--max_prompt_length", "32", "--max_new_tokens", "12", "--quiet", "--output_dir", str(run), *extra]
+            "--max_prompt_length", "32", "--max_new_tokens", "12", "--eval_samples", "20",  # a small held-out set
+            "--quiet", "--output_dir", str(run), *extra]
 
 
 def run_to_end(model, run, *extra):
@@ -112,7 +113,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_marks_nothing_complete(s
     assert not (run / "iter0" / "complete.json").exists() and not (run / "iter0" / "model").exists()
 
 
-QUICK = ["--max_samples", "32", "--iters", "1", "--eval_samples", "0", "--per_device_train_batch_size", "8"]
+QUICK = ["--max_samples", "32", "--iters", "1", "--eval_samples", "0", "--per_device_train_batch_size", "8"]  # --eval_samples 0 overrides command()'s 20
 
 
 def quick(model, run, *extra):
