@@ -339,8 +339,11 @@ def main(argv=None) -> None:
 
 def opponent(path: Path, args):
     """θ_t from its saved directory: a whole inference copy on every rank."""
-    dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
-    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype)[1]
+    return load_model(str(path), args.attn_implementation, args.trust_remote_code, weights_dtype(args))[1]
+
+
+def weights_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
 
 
 def redraw(run: Path) -> None:
@@ -352,9 +355,8 @@ def redraw(run: Path) -> None:
 def prepare(args, run: checkpoint.RunDir):
     """The model, the data and their tokens, all checked before anything is written. Returns
     (tokenizer, model, data.RunData, the rows of tokens.jsonl)."""
-    dtype = torch.bfloat16 if args.bf16 and args.deepspeed else torch.float32  # DeepSpeed keeps fp32 masters
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
-    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, dtype)
+    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, weights_dtype(args))
     args.pad_token_id = tokenizer.pad_token_id
     rows = toy.load_rows(args.dataset, args.dataset_split, args.turn)  # "toy" is resolved here, once
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees

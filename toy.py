@@ -12,7 +12,7 @@ character-level tokenizer built locally by the `tokenizers` library and a zephyr
 template. The "weak" starting model p_θ0 is a short SFT warm-up on the human responses, cached
 on disk under a key of its settings. Nothing here downloads anything.
 
-    python toy.py            # builds (or finds) the weak SFT model and prints its metrics
+    python toy.py            # builds (or finds) the weak SFT model and prints its directory
 """
 import hashlib
 import json
@@ -192,11 +192,5 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     return {"accuracy": correct / n, "tv_distance": tv / n, "valid_mass": valid_mass / n}
 
 
-if __name__ == "__main__":
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = sft_model_path()
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    import evaluation  # the command only: evaluation sits above this module
-
-    print(path, {k: round(v, 4) for k, v in evaluation.toy_metrics(model, tokenizer).items()})
+if __name__ == "__main__":  # its metrics are the "start" row of `python spin.py` (evaluation.toy_metrics)
+    print(sft_model_path())

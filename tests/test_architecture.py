@@ -7,12 +7,8 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
 
 def imports(module: str) -> set[str]:
-    """The project modules `module` imports anywhere (inside functions too), except in its command
-    block `if __name__ == "__main__":` (a script's entry point sits above every module)."""
+    """The project modules `module` imports anywhere: at the top, inside functions, in its command block."""
     tree = ast.parse((ROOT / f"{module}.py").read_text())
-    for node in list(tree.body):
-        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            tree.body.remove(node)
     found = set()
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
