@@ -244,8 +244,10 @@ def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_le
             "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
-def collate(sequences: list[dict], pad_token_id: int) -> dict:
-    """Right-pad to the longest sequence; padding gets label IGNORE_INDEX and attention 0."""
+def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
+    """Right-pad to the longest sequence; padding gets label IGNORE_INDEX and attention 0. Which id
+    pads does not matter: right padding comes after every real token, so causal attention never
+    lets a real position see it, and its own outputs are never scored."""
     width = max(len(s["input_ids"]) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)

@@ -14,7 +14,6 @@ function here is a no-op and deepspeed is never imported.
 """
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -33,9 +32,21 @@ def relaunch_command(argv: list[str], num_gpus: int) -> list[str] | None:
     return ["deepspeed", "--num_gpus", str(num_gpus), *argv]
 
 
+def print0(*values, **kwargs) -> None:
+    """print, on rank 0 only: one log for the whole job (the launcher's environment gives the rank)."""
+    if world()[0] == 0:
+        print(*values, **kwargs)
+
+
+def bars_off(args) -> bool | None:
+    """tqdm's disable: off with --quiet and on every rank but 0; None lets tqdm turn them off when
+    stderr is not a terminal."""
+    return True if args.quiet or args.rank != 0 else None
+
+
 def setup(args) -> None:
-    """Join the process group when launched with several ranks; sets args.rank, args.world_size."""
-    args.rank, args.world_size = world()
+    """Join the process group when launched with several ranks (args.rank, args.world_size come
+    from the same environment, read by cli.parse_args)."""
     if args.deepspeed:
         import deepspeed
 
@@ -47,9 +58,6 @@ def setup(args) -> None:
         from datetime import timedelta
 
         deepspeed.init_distributed(timeout=timedelta(hours=8 if args.eval_tasks else 1))
-    if args.rank != 0:
-        args.quiet = True  # one log and one set of progress bars: rank 0's
-        sys.stdout = open(os.devnull, "w")
 
 
 def barrier(args) -> None:

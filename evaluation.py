@@ -63,7 +63,7 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], args, des
     out = []
     for start in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=True if args.quiet else None):
         logps, tokens = logps_score(model, prompts[start:start + size], responses[start:start + size],
-                                    args.max_prompt_length, args.max_length, args.pad_token_id, args.bf16)
+                                    args.max_prompt_length, args.max_length, args.bf16)
         out += list(zip(logps.tolist(), tokens.tolist()))
     return out
 

@@ -22,13 +22,13 @@ from loss import IGNORE_INDEX
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int, max_length: int,
-          pad_token_id: int, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
     training and evaluation."""
     device = next(model.parameters()).device
     sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
-    batch = {k: v.to(device) for k, v in data.collate(sequences, pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in data.collate(sequences).items()}
     tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)
     return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data import first_line
+from distributed import print0
 
 
 class ModelError(ValueError):
@@ -117,7 +118,7 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
     try:
         huggingface_hub.get_session().head(endpoint, timeout=3)  # any HTTP answer, even an error status, is "reachable"
     except Exception as e:  # httpx's ConnectError, ProxyError, timeouts: no answer
-        print(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally cached "
+        print0(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally cached "
               f"models and data sets")
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -10,6 +10,7 @@ from pathlib import Path
 import checkpoint
 import data
 import distributed
+from distributed import print0
 import evaluation
 import generate as gen
 import plot
@@ -26,29 +27,29 @@ def columns(start: dict) -> list[str]:
 
 
 def print_header(cols: list[str]) -> None:
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
+    print0("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
 
 
 def print_row(row: dict, cols: list[str]) -> None:
     cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and c != "seconds" else str(row.get(c, ""))
              for c in cols]
-    print("| " + " | ".join(cells) + " |", flush=True)
+    print0("| " + " | ".join(cells) + " |", flush=True)
 
 
 def print_summary(summary: list[dict], showcase: dict, run) -> None:
-    print("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;\n"
+    print0("\nSPIN, iteration by iteration. loss, margin, reward_accuracy: training, mean of the last 10 steps;\n"
           "eval_*: the held-out prompts (evaluation.py; eval_loss is Eq. 4.7 of the model against the one before it)"
           + (";\naccuracy, tv_distance (to p_data): the toy's test prompts (toy.evaluate)" if "accuracy" in summary[0] else ""))
     cols = columns(summary[0])
     print_header(cols)
     for row in summary:
         print_row(row, cols)
-    print("\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
-    print(f"  prompt:  {showcase['prompt']!r}\n  human:   {showcase['human']!r}")
+    print0("\nOne prompt through the iterations (the slide \"Difference in generation at t step\"):")
+    print0(f"  prompt:  {showcase['prompt']!r}\n  human:   {showcase['human']!r}")
     for t, text in enumerate(showcase["model"]):
         who = "p_θ0 (start)" if t == 0 else f"p_θ{t} (after iteration {t - 1})"
-        print(f"  {who:<26} {text!r}")
-    print(f"\nrun directory: {run}  (spin.png, evaluation.jsonl, iterations.jsonl, iter*/metrics.jsonl, "
+        print0(f"  {who:<26} {text!r}")
+    print0(f"\nrun directory: {run}  (spin.png, evaluation.jsonl, iterations.jsonl, iter*/metrics.jsonl, "
           f"iter*/synthetic.jsonl, iter*/model, eval/)")
 
 

@@ -38,6 +38,7 @@ import generate as gen
 import plot
 import toy
 from cli import UsageError, parse_args
+from distributed import print0
 from models import ModelError, go_offline_if_hub_unreachable, load_model
 from report import Report
 from logps import score
@@ -52,7 +53,7 @@ def pair_logps(model, pairs: list[dict], args) -> tuple[torch.Tensor, torch.Tens
     """log p(y|x) and log p(y'|x) of a batch of pairs, real and generated in ONE forward pass."""
     logps, _ = score(model, [p["prompt_ids"] for p in pairs] * 2,
                      [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs],
-                     args.max_prompt_length, args.max_length, args.pad_token_id, args.bf16)  # (2B,) logps.py
+                     args.max_prompt_length, args.max_length, args.bf16)  # (2B,) logps.py
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
@@ -63,7 +64,7 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
     model.eval()
     size = args.per_device_train_batch_size
     for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch",
-                      disable=True if args.quiet else None):
+                      disable=distributed.bars_off(args)):
         batch = pairs[start:start + size]
         real, generated = pair_logps(model, batch, args)
         for p, r, g in zip(batch, real.tolist(), generated.tolist()):
@@ -153,12 +154,12 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
     first_step = saved_step = trainer.load_state(state, scheduler)  # 0: the iteration starts from θ_t
     if first_step:
-        print(f"iteration {iteration}: resuming training at step {first_step} of {total_steps} from {state}")
+        print0(f"iteration {iteration}: resuming training at step {first_step} of {total_steps} from {state}")
     history = [m for m in checkpoint.read_jsonl(metrics_path) if m["step"] < first_step]
     if args.rank == 0:
         checkpoint.write_jsonl(metrics_path, history)  # steps logged after the checkpoint are redone
     bar = tqdm(total=total_steps, initial=first_step, desc=f"train iteration {iteration}", unit="step",
-               disable=True if args.quiet else None)
+               disable=distributed.bars_off(args))
     for step, (epoch, step_pairs) in enumerate(batches(pairs, iteration, args)):
         if step < first_step:
             continue
@@ -205,7 +206,7 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
     shards in prompt order into synthetic.jsonl."""
     final = it / "synthetic.jsonl"
     if final.exists():
-        print(f"iteration {t}: reusing the generated responses in {final}")
+        print0(f"iteration {t}: reusing the generated responses in {final}")
         return checkpoint.read_jsonl(final)
     rows, prompts, real_ids = run_data.rows, run_data.prompts, run_data.real_ids
     shard = list(range(args.rank, len(rows), args.world_size))
@@ -215,7 +216,7 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
     position = {rows[i]["id"]: k for k, i in enumerate(shard)}
     done = {position[d["id"]]: d for d in found}
     if done:
-        print(f"iteration {t}: found {len(done)} of {len(shard)} generated responses in {partial}; "
+        print0(f"iteration {t}: found {len(done)} of {len(shard)} generated responses in {partial}; "
               f"sampling the rest")
 
     def on_batch(positions, results):
@@ -224,7 +225,7 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
 
     gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
                  args.temperature, args.top_p, args.generation_batch_size,
-                 data.seed(args.seed, "samples", t, args.rank), progress=not args.quiet, done=done,
+                 data.seed(args.seed, "samples", t, args.rank), progress=not distributed.bars_off(args), done=done,
                  on_batch=on_batch, stop=run_data.stop)
     distributed.barrier(args)
     if args.rank == 0:
@@ -252,7 +253,7 @@ def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path
     keys = [(p["iteration"], p["id"]) for p in train_pairs]
     saved = checkpoint.read_jsonl(path)
     if [(s["iteration"], s["id"]) for s in saved] == keys:
-        print(f"iteration {t}: reusing the opponent log-probs in {path}")
+        print0(f"iteration {t}: reusing the opponent log-probs in {path}")
     else:
         shard = list(range(args.rank, len(train_pairs), args.world_size))
         opponent_logps(model, [train_pairs[i] for i in shard], args)  # once for the iteration
@@ -309,10 +310,10 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tokenizer, model, spin_data, token_rows = prepare(args, run)  # bad input fails here, before any write
     run.begin(token_rows)
-    print("SPIN configuration:", json.dumps(config))
+    print0("SPIN configuration:", json.dumps(config))
     completed = run.completed()
     if completed:
-        print(f"resuming {run.path}: iterations 0..{completed - 1} are complete; continuing from "
+        print0(f"resuming {run.path}: iterations 0..{completed - 1} are complete; continuing from "
               f"iter{completed - 1}/model")
         model = opponent(run.path / f"iter{completed - 1}" / "model", args)
     model.to(distributed.device(args))
@@ -357,7 +358,6 @@ def prepare(args, run: checkpoint.RunDir):
     (tokenizer, model, data.RunData, the rows of tokens.jsonl)."""
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, weights_dtype(args))
-    args.pad_token_id = tokenizer.pad_token_id
     rows = toy.load_rows(args.dataset, args.dataset_split, args.turn)  # "toy" is resolved here, once
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
     if args.max_samples and args.max_samples < len(rows):
@@ -379,23 +379,23 @@ def describe_data(args, tokenizer, model, chat: data.ChatFormat, uncut: list[lis
     """What the log says about the data before the run starts: cuts, end-of-turn, stop ids, notes."""
     cut = sum(len(p) > args.max_prompt_length for p in uncut)
     long = sum(len(p) + len(y) > args.max_length for p, y in zip(d.prompts, d.real_ids))
-    print(f"data: {len(d.rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
+    print0(f"data: {len(d.rows)} prompts from {args.dataset}; {cut} prompts longer than --max_prompt_length "
           f"{args.max_prompt_length} were cut from the left; {long} human responses will be cut to fit "
           f"--max_length {args.max_length} (trained without their end-of-turn)")
-    print(f"replies end with {describe(tokenizer, [chat.end_of_turn]) if chat.end_of_turn is not None else 'EOS'} "
+    print0(f"replies end with {describe(tokenizer, [chat.end_of_turn]) if chat.end_of_turn is not None else 'EOS'} "
           f"(the chat template's end-of-turn); generation stops on {describe(tokenizer, d.stop)}")
     if chat.end_of_turn is None:
-        print(f"note: the chat template of {args.model} writes no special token after a reply; human replies "
+        print0(f"note: the chat template of {args.model} writes no special token after a reply; human replies "
               f"end with the tokenizer's EOS instead (docs/differences.md)")
     if chat.not_prefix_stable:
-        print(f"note: the chat template of {args.model} is not prefix-stable on {chat.not_prefix_stable} "
+        print0(f"note: the chat template of {args.model} is not prefix-stable on {chat.not_prefix_stable} "
               f"conversations (the rendered conversation does not start with the rendered prompt's ids); their "
               f"human replies are the text after the prompt, tokenized on its own (docs/differences.md)")
     ignored = gen.ignored_generation_settings(model)
     if ignored:
-        print(f"note: sampling follows --temperature/--top_p/--max_new_tokens{'/--greedy' if args.greedy else ''} "
+        print0(f"note: sampling follows --temperature/--top_p/--max_new_tokens{'/--greedy' if args.greedy else ''} "
               f"only; the model's generation_config also sets {json.dumps(ignored)}, not used")
-    print(f"held-out evaluation: {len(d.heldout['rows'])} prompts that training never sees"
+    print0(f"held-out evaluation: {len(d.heldout['rows'])} prompts that training never sees"
           + (f"; lm-eval tasks {','.join(args.eval_tasks)}" if args.eval_tasks else ""))
 
 

@@ -50,7 +50,6 @@ def test_exercise_7_greedy_responses_are_likelier_under_the_opponent_than_sample
     args = spin.parse_args(["--model", str(small_sft_model), "--dataset", "toy", "--max_length", "48",
                             "--max_prompt_length", "32"])
     tokenizer, model = models.load_model(args.model)
-    args.pad_token_id = tokenizer.pad_token_id
     rows = toy.make_rows("train")[:100]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     mean_logp = {}
@@ -93,7 +92,6 @@ def test_exercise_9_dropout_breaks_the_first_step_identity(tokenizer):
     pairs = [{"prompt_ids": prompt, "real_ids": data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "46"),
               "generated_ids": data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "12+34=46")}]
     args = spin.parse_args(["--model", "toy", "--max_length", "48", "--max_prompt_length", "32"])
-    args.pad_token_id = tokenizer.pad_token_id
     spin.opponent_logps(model, pairs, args)  # eval mode: no dropout
     model.train()
     torch.manual_seed(0)

@@ -75,7 +75,6 @@ def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_it
 def toy_pairs(small_sft_model):
     args = spin.parse_args(["--model", str(small_sft_model), *SMALL])
     tokenizer, model = models.load_model(args.model)
-    args.pad_token_id = tokenizer.pad_token_id
     rows = toy.make_rows("train")[:64]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, seed=0)

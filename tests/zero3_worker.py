@@ -23,7 +23,6 @@ args = spin.parse_args(["--model", model_dir, "--dataset", "toy", "--deepspeed",
                         "--output_dir", str(out.parent / "run")])
 distributed.setup(args)
 tokenizer, model = models.load_model(model_dir)
-args.pad_token_id = tokenizer.pad_token_id
 rows = toy.make_rows("train")[:24]  # 3 steps of a global batch of 8
 pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.ChatFormat(tokenizer).prompt_ids(r["messages"]),
           "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
