@@ -172,8 +172,7 @@ class ChatFormat:
                             f"assistant header), so a prompt cannot be told from a finished conversation")
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         # The end-of-turn token: the first special token the template writes after the probe's reply.
-        self.end_of_turn = None
-        self.end_of_turn = next((i for i in self._after_prompt(self.PROBE[:1], self.PROBE[1]["content"])
+        self.end_of_turn = next((i for i in self._after_prompt(self.PROBE[:1], self.PROBE[1]["content"])[1]
                                  if i in special), None)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -195,16 +194,20 @@ class ChatFormat:
 
     def reply_ids(self, messages: list[dict], reply: str) -> list[int]:
         """y as the template writes it after prompt_ids(messages), through its end-of-turn token."""
-        ids = self._after_prompt(messages, reply)
+        return self.pair(messages, reply)[1]
+
+    def pair(self, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+        """(prompt_ids(messages), reply_ids(messages, reply)), the prompt rendered once for both."""
+        prompt, ids = self._after_prompt(messages, reply)
         if self.end_of_turn is None:  # a template with no end-of-turn token: end the reply with EOS
-            return ids + [self.tokenizer.eos_token_id]
+            return prompt, ids + [self.tokenizer.eos_token_id]
         if self.end_of_turn not in ids:
             raise DataError(f"the chat template wrote no end-of-turn token "
                             f"{self.tokenizer.convert_ids_to_tokens(self.end_of_turn)!r} after the reply")
-        return ids[: len(ids) - ids[::-1].index(self.end_of_turn)]  # through the last end-of-turn
+        return prompt, ids[: len(ids) - ids[::-1].index(self.end_of_turn)]  # through the last end-of-turn
 
-    def _after_prompt(self, messages: list[dict], reply: str) -> list[int]:
-        """The ids of the whole conversation after the prompt's ids. Where the full rendering does
+    def _after_prompt(self, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+        """(the prompt's ids, the ids of the whole conversation after them). Where the full rendering does
         not start with the prompt's ids (a template that is not prefix-stable: the reply's first
         characters merge with the header's last token), the text after the prompt's text, tokenized
         on its own; such rows are counted in not_prefix_stable for the run's log."""
@@ -212,11 +215,11 @@ class ChatFormat:
         full_text = self._render(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
         prompt, full = self._ids(prompt_text), self._ids(full_text)
         if full[: len(prompt)] == prompt:
-            return full[len(prompt):]
+            return prompt, full[len(prompt):]
         if not full_text.startswith(prompt_text):
             raise DataError("the chat template writes the prompt differently when a reply follows it")
         self.not_prefix_stable += 1
-        return self._ids(full_text[len(prompt_text):])
+        return prompt, self._ids(full_text[len(prompt_text):])
 
 
 def seed(base: int, purpose: str, t: int, rank: int = 0, epoch: int = 0) -> int:

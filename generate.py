@@ -2,10 +2,11 @@
 of arXiv 2401.01335v3: "Generate y'_i ~ p_θt(·|x_i)").
 
 One response per prompt, from the prompt ids that training will use (data.ChatFormat), so the
-prompt/response boundary is identical in both; it stops on the model's own stop ids. Prompts are batched by length, left-padded (a
-decoder continues from the right end), and each batch is seeded, so a run is reproducible.
-For every prompt we keep the generated token ids themselves (never re-tokenized), the text, and
-whether it ended with EOS or hit the max_new_tokens limit.
+prompt/response boundary is identical in both; it stops on the model's own stop ids (stop_ids).
+Prompts are batched by length, left-padded (a decoder continues from the right end), and each
+batch is seeded, so a run is reproducible. For every prompt we keep the generated token ids
+themselves (never re-tokenized), the text, and whether it ended on a stop id or hit the
+max_new_tokens limit.
 
     python generate.py --model runs/toy/iter0/model --data toy --out samples.jsonl
     python generate.py --model alignment-handbook/zephyr-7b-sft-full \\

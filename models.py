@@ -61,16 +61,21 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     return tokenizer, model
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def from_gguf(path: Path) -> Path:
     """The safetensors directory of a GGUF model file, converted on first use and cached by the
     file's sha256 (a different file under the same name is converted again)."""
     if not path.is_file():
         raise ModelError(f"--model {path}: no such file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    out = cache_root() / "gguf" / digest.hexdigest()[:16]
+    digest = sha256(path)
+    out = cache_root() / "gguf" / digest[:16]
     if (out / "model.safetensors").exists():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -93,7 +98,7 @@ def from_gguf(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))  # written whole, then renamed
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"converted from {path.resolve()} (sha256 {digest.hexdigest()})\n")
+    (tmp / "SOURCE").write_text(f"converted from {path.resolve()} (sha256 {digest})\n")
     try:
         tmp.rename(out)
     except OSError:  # converted by another process meanwhile

@@ -281,8 +281,8 @@ def tokenize(chat: data.ChatFormat, rows: list[dict], heldout_rows: list[dict], 
                                           ("heldout", args.eval_dataset or args.dataset, "--eval_dataset" if args.eval_dataset else "--dataset", heldout_rows)):
             for r in part:
                 try:
-                    found.append({"split": split, "id": r["id"], "prompt_ids": chat.prompt_ids(r["messages"]),
-                                  "real_ids": chat.reply_ids(r["messages"], r["response"])})
+                    prompt_ids, real_ids = chat.pair(r["messages"], r["response"])
+                    found.append({"split": split, "id": r["id"], "prompt_ids": prompt_ids, "real_ids": real_ids})
                 except data.DataError as e:
                     raise data.DataError(f"{flag} {source}, row {r['id']}: {e}") from None
     train, held = [f for f in found if f["split"] == "train"], [f for f in found if f["split"] == "heldout"]

@@ -10,7 +10,6 @@ $SPIN_CACHE/real, so only the first run on a machine downloads (~170 MB, about a
 - Real chat templates: TRL ships them (trl/chat_templates); zephyr's is below.
 - Real human conversations: the chitchat-dataset package (MIT; 7,168 chats between people).
 """
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,9 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+import models
+from models import sha256
 
 SDIST = ("llama-cpp-python", "0.3.36")
 VOCABS = {  # file in the sdist's vendor/llama.cpp/models/ -> sha256
@@ -39,15 +41,7 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{
 
 
 def cache() -> Path:
-    return Path(os.environ.get("SPIN_CACHE", Path.home() / ".cache" / "spin")) / "real"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return models.cache_root() / "real"
 
 
 def _pip_download(package: str, version: str, into: Path, source: bool) -> Path:
