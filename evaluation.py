@@ -29,13 +29,12 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import checkpoint
 import data
 import generate as gen
 import toy
-from logps import score as logps_score
+from logps import score_all
 from loss import spin_loss
 
 
@@ -55,17 +54,10 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
 
 
-@torch.no_grad()
 def score(model, prompts: list[list[int]], responses: list[list[int]], args, desc: str) -> list[tuple[float, int]]:
     """(log p(response|prompt), scored tokens) for each pair, cut as in training (data.build_sequence)."""
-    model.eval()
-    size = args.per_device_train_batch_size
-    out = []
-    for start in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=True if args.quiet else None):
-        logps, tokens = logps_score(model, prompts[start:start + size], responses[start:start + size],
-                                    args.max_prompt_length, args.max_length, args.bf16)
-        out += list(zip(logps.tolist(), tokens.tolist()))
-    return out
+    return score_all(model, prompts, responses, args.per_device_train_batch_size, args.max_prompt_length,
+                     args.max_length, args.bf16, desc, progress=not args.quiet)
 
 
 def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dict] | None, args, path: Path,

@@ -33,6 +33,22 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
     return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
 
 
+@torch.no_grad()
+def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int, max_prompt_length: int,
+              max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False) -> list[tuple[float, int]]:
+    """score() in batches of batch_size, without gradients: [(log p(response|prompt), response tokens
+    scored)] in the order given. The opponent pass and held-out evaluation both score through it."""
+    from tqdm import tqdm
+
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None if progress else True):
+        logps, tokens = score(model, prompts[start:start + batch_size], responses[start:start + batch_size],
+                              max_prompt_length, max_length, bf16)  # (b,), (b,)
+        out += zip(logps.tolist(), tokens.tolist())
+    return out
+
+
 def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     """(B,) log p(y|x) for a batch from data.collate (input_ids, attention_mask, labels)."""
     labels = batch["labels"]  # (B, T)

@@ -56,8 +56,6 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     if not tokenizer.chat_template:
         raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
                          f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so any id works
     return tokenizer, model
 
 

@@ -41,7 +41,7 @@ from cli import UsageError, parse_args
 from distributed import print0
 from models import ModelError, go_offline_if_hub_unreachable, load_model
 from report import Report
-from logps import score
+from logps import score, score_all
 from loss import spin_loss
 
 
@@ -49,26 +49,23 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: shown as one line, exit status 1."""
 
 
-def pair_logps(model, pairs: list[dict], args) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, pairs: list[dict], max_prompt_length: int, max_length: int, bf16: bool = False):
     """log p(y|x) and log p(y'|x) of a batch of pairs, real and generated in ONE forward pass."""
     logps, _ = score(model, [p["prompt_ids"] for p in pairs] * 2,
                      [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs],
-                     args.max_prompt_length, args.max_length, args.bf16)  # (2B,) logps.py
+                     max_prompt_length, max_length, bf16)  # (2B,) logps.py
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
-@torch.no_grad()
 def opponent_logps(model, pairs: list[dict], args) -> None:
     """Store log p_θt(y|x) and log p_θt(y'|x) with every pair: the opponent is frozen for the whole
     iteration, so this one pass replaces the reference model that DPO-style trainers keep in memory."""
-    model.eval()
-    size = args.per_device_train_batch_size
-    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", unit="batch",
-                      disable=distributed.bars_off(args)):
-        batch = pairs[start:start + size]
-        real, generated = pair_logps(model, batch, args)
-        for p, r, g in zip(batch, real.tolist(), generated.tolist()):
-            p["opponent_real_logp"], p["opponent_generated_logp"] = r, g
+    scored = score_all(model, [p["prompt_ids"] for p in pairs for _ in (0, 1)],  # y and y' of a pair in one batch
+                       [y for p in pairs for y in (p["real_ids"], p["generated_ids"])],
+                       2 * args.per_device_train_batch_size, args.max_prompt_length, args.max_length, args.bf16,
+                       "opponent log-probs", progress=not distributed.bars_off(args))
+    for p, (real, _), (generated, _) in zip(pairs, scored[0::2], scored[1::2]):
+        p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
 
 
 def disable_dropout(model) -> None:
@@ -123,7 +120,8 @@ def train_step(trainer, step_pairs: list[dict], args) -> dict:
         batch = mine[k * size:(k + 1) * size]
         weight = args.world_size / len(step_pairs) if batch else 0.0  # ranks' mean -> the global mean
         batch = batch or step_pairs[:1]
-        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,), (b,)
+        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args.max_prompt_length,
+                                                                args.max_length, args.bf16)  # (b,), (b,)
         losses, real_rewards, generated_rewards = spin_loss(
             policy_real_logps, policy_generated_logps,
             torch.tensor([p["opponent_real_logp"] for p in batch], device=policy_real_logps.device),

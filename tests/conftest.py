@@ -1,4 +1,5 @@
 """Shared fixtures: everything is built on the spot, offline (no hub downloads)."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,21 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the network
 
 import toy  # noqa: E402
+
+# The toy run every end-to-end test starts from; a test adds --model, --output_dir and what it
+# changes (argparse keeps a flag's last value, so an override is simply appended).
+TOY_RUN = ["--dataset", "toy", "--num_train_epochs", "1", "--learning_rate", "1e-4", "--beta", "1",
+           "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "12", "--quiet"]
+
+
+def toy_run(model, output_dir, *extra) -> list[str]:
+    """spin.py's flags for a toy run of `model` into `output_dir`."""
+    return ["--model", str(model), *TOY_RUN, "--output_dir", str(output_dir), *map(str, extra)]
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every line of a JSONL file the run wrote; a torn line fails the test (unlike checkpoint.read_jsonl)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch
 import data
 import models
 import spin
+from conftest import read_jsonl, toy_run
 from real_parts import TRL_TEMPLATES, ZEPHYR, chitchat_rows, smollm2_gguf, vocab_tokenizer
 
 FAMILIES = {  # name: tokenizer, template, EOS to set, generation_config eos ids, flags, the end-of-turn token
@@ -92,7 +93,7 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
     system = [{"role": "system", "content": ""}] if "--system_prompt" in flags else []
     stop = {tokenizer.eos_token_id, eot, *(eos_ids or [])}
     assert f"generation stops on {spin.describe(tokenizer, sorted(stop))}" in out
-    pairs = [json.loads(line) for line in (run / "iter0" / "synthetic.jsonl").read_text().splitlines()]
+    pairs = read_jsonl(run / "iter0" / "synthetic.jsonl")
     assert len(pairs) == 4
     for pair in pairs:
         messages, reply = system + pair["real"][:-1], pair["real"][-1]["content"]
@@ -104,9 +105,9 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
             assert pair["real_ids"] != tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ended_on = [i for i, token in enumerate(pair["generated_ids"]) if token in stop]
         assert ended_on == ([len(pair["generated_ids"]) - 1] if pair["ended"] else [])  # one stop id, the last
-    first = json.loads((run / "iter0" / "metrics.jsonl").read_text().splitlines()[0])
+    first = read_jsonl(run / "iter0" / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the real ids are the ones the opponent scored
-    assert json.loads((run / "tokens.jsonl").read_text().splitlines()[0])["prompt_ids"] == pairs[0]["prompt_ids"]
+    assert read_jsonl(run / "tokens.jsonl")[0]["prompt_ids"] == pairs[0]["prompt_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +124,6 @@ def smollm2_run(smollm2, tmp_path_factory):
                      "--max_prompt_length", "128", "--generation_batch_size", "8", "--quiet"])
     assert code == 0
     return run
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_a_real_chat_model_starts_every_iteration_at_log2(smollm2_run):
@@ -186,9 +183,8 @@ def test_a_resumed_run_reuses_the_prompt_ids_it_rendered_first(small_sft_model, 
 
     model = tmp_path / "model"
     shutil.copytree(small_sft_model, model)
-    flags = ["--model", str(model), "--dataset", "toy", "--max_samples", "16", "--eval_samples", "0",
-             "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--max_length", "64",
-             "--max_prompt_length", "48", "--max_new_tokens", "8", "--quiet", "--output_dir", str(tmp_path / "run")]
+    flags = toy_run(model, tmp_path / "run", "--max_samples", 16, "--eval_samples", 0, "--per_device_train_batch_size", 16,
+                    "--max_length", 64, "--max_prompt_length", 48, "--max_new_tokens", 8)
     spin.main([*flags, "--iters", "1"])
     saved = (tmp_path / "run" / "tokens.jsonl").read_text()
     template = model / "chat_template.jinja"

@@ -15,11 +15,10 @@ import generate
 import plot
 import spin
 import toy
+from conftest import read_jsonl, toy_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--dataset", "toy", "--max_samples", "200", "--per_device_train_batch_size", "32", "--num_train_epochs", "1",
-         "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48", "--max_prompt_length", "32",
-         "--max_new_tokens", "12", "--generation_batch_size", "200", "--quiet"]
+SMALL = ["--max_samples", "200", "--per_device_train_batch_size", "32", "--generation_batch_size", "200"]
 
 
 def eval_args(pad_token_id, **overrides):
@@ -115,13 +114,9 @@ def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(
 @pytest.fixture(scope="module")
 def run(small_sft_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert spin.cli(["--model", str(small_sft_model), "--iters", "2", "--output_dir", str(out), "--eval_samples", "40",
-                     "--report_to", "tensorboard", "--eval_tasks", "toy_sum", "--eval_limit", "30", *SMALL]) == 0
+    assert spin.cli(toy_run(small_sft_model, out, "--iters", 2, "--eval_samples", 40, "--report_to", "tensorboard",
+                             "--eval_tasks", "toy_sum", "--eval_limit", 30, *SMALL)) == 0
     return out
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_every_model_has_a_row_of_heldout_numbers(run):
@@ -197,8 +192,7 @@ def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
 def test_a_continued_run_extends_the_tensorboard_steps_without_repeating_any(small_sft_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    argv = ["--model", str(small_sft_model), "--output_dir", str(tmp_path), "--eval_samples", "10",
-            "--report_to", "tensorboard", *SMALL]
+    argv = toy_run(small_sft_model, tmp_path, "--eval_samples", 10, "--report_to", "tensorboard", *SMALL)
     assert spin.cli(argv + ["--iters", "1"]) == 0
     assert spin.cli(argv + ["--iters", "2"]) == 0  # resumes: iteration 0 is complete, iteration 1 runs
     events = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -1,6 +1,5 @@
 """Checks for docs/exercises.md that no other test makes. Each passes against the shipped code;
 the exercise says what to change and which of these (or of the other tests) then tells you."""
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import models
 import generate
 import spin
 import toy
-from conftest import tiny_mistral
+from conftest import read_jsonl, tiny_mistral, toy_run
 from test_theory import P_DATA, P_T, minimize, tabular_spin_loss
 
 
@@ -37,11 +36,9 @@ def test_exercise_5_lambda_1_lands_larger_lambda_moves_part_way_smaller_overshoo
 # Exercise 6: the data of iteration t − 1 mixed into iteration t.
 @pytest.mark.parametrize("mix, pairs", [("--mix_previous_iteration", [60, 120]), ("--no-mix_previous_iteration", [60, 60])])
 def test_exercise_6_mixing_the_previous_iteration_doubles_the_training_pairs(small_sft_model, tmp_path, mix, pairs):
-    spin.main(["--model", str(small_sft_model), "--dataset", "toy", "--max_samples", "60", "--iters", "2", mix,
-               "--per_device_train_batch_size", "30", "--num_train_epochs", "1", "--learning_rate", "1e-4", "--beta", "1",
-               "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "12", "--quiet",
-               "--output_dir", str(tmp_path / "run")])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "iterations.jsonl").read_text().splitlines()]
+    spin.main(toy_run(small_sft_model, tmp_path / "run", "--max_samples", 60, "--iters", 2, mix,
+                      "--per_device_train_batch_size", 30))
+    rows = read_jsonl(tmp_path / "run" / "iterations.jsonl")
     assert [r["pairs"] for r in rows] == pairs
 
 
@@ -96,10 +93,10 @@ def test_exercise_9_dropout_breaks_the_first_step_identity(tokenizer):
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)
+        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)
     assert abs(real.item() - pairs[0]["opponent_real_logp"]) > 1e-3  # θ = θ_t, and yet log-ratio ≠ 0
     spin.disable_dropout(model)  # what spin.train does first
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)  # still in training mode
+        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)  # still in training mode
     assert real.item() == pytest.approx(pairs[0]["opponent_real_logp"], abs=1e-6)
     assert generated.item() == pytest.approx(pairs[0]["opponent_generated_logp"], abs=1e-6)

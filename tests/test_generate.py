@@ -3,7 +3,7 @@ import torch
 
 import data
 import generate
-from conftest import tiny_mistral
+from conftest import read_jsonl, tiny_mistral
 
 PROMPTS = ["1+2", "10+20", "5+55", "99+1", "7+0"]
 
@@ -53,12 +53,11 @@ def test_sampling_is_reproducible_by_seed(small_sft_model):
 
 
 def test_generate_cli_writes_every_prompt_once(small_sft_model, tmp_path):
-    import json
 
     out = tmp_path / "samples.jsonl"
     generate.main(["--model", str(small_sft_model), "--data", "toy", "--max_samples", "20",
                    "--max_new_tokens", "12", "--out", str(out)])
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [r["id"] for r in rows] == list(range(20))
     assert all(set(r) >= {"generated", "generated_ids", "ended", "real"} for r in rows)
 

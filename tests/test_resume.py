@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import read_jsonl, toy_run
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
        "OMP_NUM_THREADS": "1"}  # one thread: the float sums are the same from run to run
 
 
 def command(model, run, *extra):
-    return [sys.executable, str(ROOT / "spin.py"), "--model", str(model), "--dataset", "toy", "--max_samples", "240",
-            "--iters", "2", "--generation_batch_size", "8", "--per_device_train_batch_size", "8", "--save_steps", "4",
-            "--num_train_epochs", "1", "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48",
-            "--max_prompt_length", "32", "--max_new_tokens", "12", "--eval_samples", "20",  # a small held-out set
-            "--quiet", "--output_dir", str(run), *extra]
+    return [sys.executable, str(ROOT / "spin.py"), *toy_run(model, run, "--max_samples", 240, "--iters", 2,
+            "--generation_batch_size", 8, "--per_device_train_batch_size", 8, "--save_steps", 4,
+            "--eval_samples", 20, *extra)]  # --eval_samples: a small held-out set
 
 
 def run_to_end(model, run, *extra):
@@ -74,10 +74,10 @@ def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, refe
     if point == "mid-training":
         assert "resuming training at step" in stdout and "reusing the opponent log-probs" in stdout
     for t in range(2):
-        rows = [json.loads(line) for line in (run / f"iter{t}" / "synthetic.jsonl").read_text().splitlines()]
+        rows = read_jsonl(run / f"iter{t}" / "synthetic.jsonl")
         assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 240  # each once
         assert (run / f"iter{t}" / "synthetic.jsonl").read_text() == (reference / f"iter{t}" / "synthetic.jsonl").read_text()
-        assert [json.loads(line)["step"] for line in (run / f"iter{t}" / "metrics.jsonl").read_text().splitlines()] \
+        assert [m["step"] for m in read_jsonl(run / f"iter{t}" / "metrics.jsonl")] \
             == list(range(30 if t == 0 else 60))  # no step logged twice, none lost
         assert not (run / f"iter{t}" / "generated.rank0.jsonl").exists() and not (run / f"iter{t}" / "checkpoint").exists()
     # CPU, one thread, the same batches in the same order: the weights are bit-for-bit equal.
@@ -166,5 +166,5 @@ def test_two_runs_started_together_on_one_directory_one_runs_one_is_refused(smal
     results = sorted((p.wait(timeout=240), p.stderr.read()) for p in processes)
     assert [code for code, _ in results] == [0, 2]
     assert results[1][1].count("\n") == 1 and "--output_dir" in results[1][1] and "Traceback" not in results[1][1]
-    steps = [m["step"] for m in map(json.loads, (run / "iter0" / "metrics.jsonl").read_text().splitlines())]
+    steps = [m["step"] for m in read_jsonl(run / "iter0" / "metrics.jsonl")]
     assert steps == list(range(len(steps)))  # one history, no step twice

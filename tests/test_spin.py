@@ -11,22 +11,17 @@ import models
 import generate
 import spin
 import toy
+from conftest import TOY_RUN, read_jsonl, toy_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--dataset", "toy", "--max_samples", "200", "--per_device_train_batch_size", "32", "--num_train_epochs", "1",
-         "--learning_rate", "1e-4", "--beta", "1", "--max_length", "48", "--max_prompt_length", "32",
-         "--max_new_tokens", "12", "--generation_batch_size", "200", "--quiet"]
+SMALL = ["--max_samples", "200", "--per_device_train_batch_size", "32", "--generation_batch_size", "200"]
 
 
 @pytest.fixture(scope="module")
 def two_iterations(small_sft_model, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    spin.main(["--model", str(small_sft_model), "--iters", "2", "--output_dir", str(run), *SMALL])
+    spin.main(toy_run(small_sft_model, run, "--iters", 2, *SMALL))
     return run
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_each_iteration_saves_a_model_that_from_pretrained_loads(two_iterations, small_sft_model):
@@ -73,7 +68,7 @@ def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_it
 
 @pytest.fixture(scope="module")
 def toy_pairs(small_sft_model):
-    args = spin.parse_args(["--model", str(small_sft_model), *SMALL])
+    args = spin.parse_args(["--model", str(small_sft_model), *TOY_RUN, *SMALL])
     tokenizer, model = models.load_model(args.model)
     rows = toy.make_rows("train")[:64]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
@@ -88,7 +83,7 @@ def test_policy_logps_at_theta_t_equal_the_stored_opponent_logps(toy_pairs):
     args, model, pairs = toy_pairs
     model.train()  # as in training, with other batch compositions than the opponent pass used
     batch = pairs[::-3][:11]
-    real, generated = spin.pair_logps(model, batch, args)
+    real, generated = spin.pair_logps(model, batch, args.max_prompt_length, args.max_length)
     assert real.tolist() == pytest.approx([p["opponent_real_logp"] for p in batch], abs=1e-4)
     assert generated.tolist() == pytest.approx([p["opponent_generated_logp"] for p in batch], abs=1e-4)
 
@@ -101,7 +96,7 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     assert isinstance(trainer, spin.distributed.Plain)  # no --deepspeed: the plain PyTorch path
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)
+        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)
     real_logratios = real - torch.tensor([p["opponent_real_logp"] for p in pairs])
     generated_logratios = generated - torch.tensor([p["opponent_generated_logp"] for p in pairs])
     assert (real_logratios - generated_logratios).mean().item() > 0.05

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import TOY_RUN, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}, "HF_HUB_OFFLINE": "1",
        "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-FLAGS = ["--dataset", "toy", "--max_samples", "64", "--iters", "2", "--num_train_epochs", "1", "--learning_rate", "1e-4",
-         "--beta", "1", "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "12", "--greedy", "--quiet"]
+FLAGS = [*TOY_RUN, "--max_samples", "64", "--iters", "2", "--greedy"]
 # Tolerance: the two ranks' gradients are summed by an all-reduce, in another order than one process
 # sums them, so float32 results differ in the last bits. Measured (since logits are computed at
 # response positions only): at most 3.6e-6 over the first iteration's losses; in the second,
@@ -38,10 +39,6 @@ def runs(small_sft_model, tmp_path_factory):
                     "--per_device_train_batch_size", "8", "--output_dir", str(single)],
                    cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     return zero3, single
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_sharded_generation_merges_to_the_rows_of_one_rank(runs):
