@@ -146,6 +146,30 @@ def clean(it: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Make the finished directory `tmp` the new `path`: its files fsynced, then two renames, so that
+    there is never a moment without one whole directory on disk (saved_state finds `path`.old)."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_state(path: Path) -> Path | None:
+    """The training state directory to resume from: `path`, or `path`.old when a kill came between
+    replace_dir's two renames; None when nothing was saved."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if candidate.is_dir() and any(candidate.iterdir()):
+            return candidate
+    return None
+
+
 def save_training_state(path: Path, model, optimizer, scheduler, step: int) -> None:
     """Everything training needs to continue at `step` exactly as if it had not stopped."""
     tmp = path.with_name(path.name + ".tmp")
@@ -153,22 +177,14 @@ def save_training_state(path: Path, model, optimizer, scheduler, step: int) -> N
     save_model(model, None, tmp / "model")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "rng": torch.get_rng_state()}, tmp / "state.pt")
-    with open(tmp / "state.pt", "rb") as f:
-        os.fsync(f.fileno())
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)  # never a moment without one whole checkpoint on disk
-    tmp.rename(path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def load_training_state(path: Path, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint saved by save_training_state; returns the step to continue from."""
+    """Restore a checkpoint saved by save_training_state (path: from saved_state); returns the step
+    to continue from."""
     from safetensors.torch import load_file
 
-    if not (path / "state.pt").exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # killed between the two renames
     model.load_state_dict(load_file(path / "model" / "model.safetensors"), strict=False)
     state = torch.load(path / "state.pt", weights_only=True)  # tensors and numbers only: nothing unpickled
     optimizer.load_state_dict(state["optimizer"])

@@ -14,6 +14,7 @@ function here is a no-op and deepspeed is never imported.
 """
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -74,6 +75,15 @@ def all_gather(args, items: list) -> list:
     return [item for part in gathered for item in part]
 
 
+def any_rank(args, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (a collective: every rank must call it)."""
+    if args.world_size == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device(args))
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_sum(args, values: list[float]) -> list[float]:
     if args.world_size == 1:
         return values
@@ -107,7 +117,8 @@ class Plain:
     """One process, plain PyTorch: the optimizer steps the model itself.
 
     The few operations a training step needs, the same for both backends (spin.train):
-    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state, save_model."""
+    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state (the step to
+    continue from, 0 with nothing saved), save_model."""
 
     applies_before_check = False  # clip() only measures and clips; update() applies the step
 
@@ -124,19 +135,17 @@ class Plain:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save_state(self, path: Path, scheduler, step: int) -> bool:
+    def save_state(self, path: Path, scheduler, step: int) -> None:
         import checkpoint
 
         checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
-        return True
 
     def load_state(self, path: Path, scheduler) -> int:
         """The step a stopped run saved its state at (every --save_steps), or 0 with nothing saved."""
         import checkpoint
 
-        if not (path.exists() or path.with_name("checkpoint.old").exists()):
-            return 0
-        return checkpoint.load_training_state(path, self.policy, self.optimizer, scheduler)
+        saved = checkpoint.saved_state(path)
+        return checkpoint.load_training_state(saved, self.policy, self.optimizer, scheduler) if saved else 0
 
     def save_model(self, tokenizer, path: Path, args) -> None:
         import checkpoint
@@ -154,7 +163,8 @@ class Zero3:
         import deepspeed
 
         self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
-        self.rank = args.rank
+        self.policy.checkpoint_engine = safe_checkpoint_engine()
+        self.rank, self.args = args.rank, args
 
     def backward(self, loss, last: bool) -> None:
         self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
@@ -167,11 +177,34 @@ class Zero3:
     def update(self) -> None:
         pass  # done by engine.step() in clip()
 
-    def save_state(self, path: Path, scheduler, step: int) -> bool:
-        return False  # not yet: an interrupted ZeRO-3 iteration restarts its training (docs/scaling.md)
+    def save_state(self, path: Path, scheduler, step: int) -> None:
+        """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's checkpoint
+        code into path.tmp; then rank 0 swaps the whole directory in. The scheduler, the step and the
+        RNG travel as DeepSpeed's client state."""
+        import checkpoint
+
+        tmp = path.with_name(path.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier(self.args)
+        self.policy.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False, client_state={
+            "step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+        barrier(self.args)  # every rank's files are written
+        if self.rank == 0:
+            checkpoint.replace_dir(tmp, path)
+        barrier(self.args)
 
     def load_state(self, path: Path, scheduler) -> int:
-        return 0
+        """Each rank reads its own partition's files (never another rank's), unpickling no code."""
+        import checkpoint
+
+        saved = checkpoint.saved_state(path)
+        if saved is None:
+            return 0
+        _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
+        scheduler.load_state_dict(client["scheduler"])
+        torch.set_rng_state(client["rng"])
+        return client["step"]
 
     def save_model(self, tokenizer, path: Path, args) -> None:
         """Every rank joins the gather of the partitioned weights; rank 0 writes them."""
@@ -182,6 +215,29 @@ class Zero3:
         if self.rank == 0:
             checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state_dict)
         barrier(args)
+
+
+STATE_TAG = "state"  # iter{t}/checkpoint/state/: DeepSpeed's files of each rank
+
+
+def safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, except that loading executes no code from the files: a
+    run directory may come from elsewhere. torch.load(weights_only=True) reads tensors, containers
+    and numbers, plus the three DeepSpeed types its ZeRO-3 optimizer files hold (an enum and the loss
+    scalers, which are plain numbers). Saving uses torch's zip format, which weights_only reads."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            torch.save(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnly()
 
 
 def trainer(model, optimizer, args) -> Plain | Zero3:

@@ -47,7 +47,7 @@ def ignored_generation_settings(model) -> dict:
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
              progress: bool = False, done: dict[int, dict] | None = None, on_batch=None,
-             stop: list[int] | None = None) -> list[dict]:
+             stop: list[int] | None = None, should_stop=None) -> list[dict]:
     """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
 
     stop: the ids that end a reply (default: stop_ids(model, tokenizer)). A reply that ends keeps
@@ -55,6 +55,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     done: results already on disk by prompt index, from a run that was stopped; a batch whose
     prompts are all done is skipped, any other batch is sampled again with its own seed, which
     gives the same tokens. on_batch(indices, results) is called after each sampled batch.
+    should_stop(): checked before each batch; when true, the prompts not sampled yet get {} (a
+    preempted run stops after the batch it is in, preemption.py).
     """
     done = done or {}
     from transformers import GenerationConfig
@@ -74,6 +76,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if progress else True)  # None: off when stderr is not a terminal
     for number, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
+        if should_stop and should_stop():
+            break
         if all(i in done for i in batch):
             for i in batch:
                 results[i] = done[i]

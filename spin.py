@@ -36,6 +36,7 @@ import distributed
 import evaluation
 import generate as gen
 import plot
+import preemption
 import toy
 from cli import UsageError, parse_args
 from distributed import print0
@@ -181,8 +182,15 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
                         acc=f"{record['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.save_steps == 0 and step + 1 < total_steps and trainer.save_state(state, scheduler, step + 1):
+        if (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            trainer.save_state(state, scheduler, step + 1)
             saved_step = step + 1
+        signal_name = preemption.agreed(args)  # every rank stops after the same step
+        if signal_name:
+            trainer.save_state(state, scheduler, step + 1)
+            raise preemption.Stopped(f"stopped by {signal_name} in iteration {iteration} after step {step + 1} of "
+                                     f"{total_steps}; the training state is saved in {state}; run the same "
+                                     f"command to resume")
     bar.close()
     return history, trainer
 
@@ -221,15 +229,14 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
         checkpoint.append_jsonl(partial, [{"id": rows[shard[k]]["id"], **r}
                                           for k, r in zip(positions, results) if k not in done])
 
-    gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
-                 args.temperature, args.top_p, args.generation_batch_size,
-                 data.seed(args.seed, "samples", t, args.rank), progress=not distributed.bars_off(args), done=done,
-                 on_batch=on_batch, stop=run_data.stop)
-    distributed.barrier(args)
+    results = gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
+                           args.temperature, args.top_p, args.generation_batch_size,
+                           data.seed(args.seed, "samples", t, args.rank), progress=not distributed.bars_off(args),
+                           done=done, on_batch=on_batch, stop=run_data.stop, should_stop=preemption.requested)
+    preemption.stop_if_requested(args, f"while sampling iteration {t}'s responses (those sampled are kept in {it})")
+    # The shards meet through the process group, not the disk: nodes need not share one.
+    samples = {d["id"]: d for d in distributed.all_gather(args, [{"id": rows[i]["id"], **r} for i, r in zip(shard, results)])}
     if args.rank == 0:
-        samples = {}
-        for path in sorted(it.glob("generated.rank*.jsonl")):
-            samples.update({d["id"]: d for d in checkpoint.read_jsonl(path)})
         # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
         pairs = [{"id": r["id"], "iteration": t,
                   "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
@@ -265,6 +272,7 @@ def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path
         distributed.barrier(args)
     for p, s in zip(train_pairs, saved):
         p["opponent_real_logp"], p["opponent_generated_logp"] = s["opponent_real_logp"], s["opponent_generated_logp"]
+    preemption.stop_if_requested(args, f"after iteration {t}'s opponent log-probs, saved in {path}")
 
 
 def tokenize(chat: data.ChatFormat, rows: list[dict], heldout_rows: list[dict], saved: Path | None, args) -> dict:
@@ -320,6 +328,7 @@ def main(argv=None) -> None:
     previous = checkpoint.read_jsonl(run.path / f"iter{completed - 1}" / "synthetic.jsonl") if completed else []
 
     for t in range(completed, args.iters):  # Algorithm 1
+        preemption.stop_if_requested(args, f"before iteration {t}, with the iterations before it complete")
         it = run.iteration(t)
         report.begin_iteration(t)
         pairs = sample_pairs(model, tokenizer, spin_data, t, args, it)  # y' ~ p_θt, the frozen opponent
@@ -398,7 +407,9 @@ def describe_data(args, tokenizer, model, chat: data.ChatFormat, uncut: list[lis
 
 
 def cli(argv=None) -> int:
-    """main() with bad input turned into one line on stderr and an exit status: 2 for bad input."""
+    """main() with bad input turned into one line on stderr and an exit status: 2 for bad input,
+    preemption.EXIT_RESUMABLE (75) for a run stopped by a signal with its state saved."""
+    preemption.install()
     try:
         main(argv)
     except (UsageError, ModelError, data.DataError, checkpoint.RunDirError) as e:
@@ -407,8 +418,13 @@ def cli(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except preemption.Stopped as e:
+        if distributed.world()[0] == 0:  # every rank stops; one says so
+            print(e, file=sys.stderr)
+        return preemption.EXIT_RESUMABLE
     finally:
         checkpoint.unlock()  # for callers in the same process (tests); a process's exit releases it anyway
+        preemption.reset()
     return 0
 
 

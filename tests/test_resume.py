@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import read_jsonl, toy_run
@@ -29,18 +30,21 @@ def run_to_end(model, run, *extra):
     return result.stdout
 
 
-def kill_when(model, run, ready, timeout=240):
-    """Start a run, SIGKILL it as soon as ready(run) holds; return whether the kill landed before it ended."""
-    process = subprocess.Popen(command(model, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline:
-        if ready(run):
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.002)
-    process.kill()
-    return False
+def kill_when(model, run, ready, timeout=240, sig=signal.SIGKILL):
+    """Start a run, send it `sig` as soon as ready(run) holds; return (exit status, stderr) once it
+    has ended, or None when it ended before ready(run) held."""
+    with open(run.with_name(run.name + ".stderr"), "w+") as stderr:
+        process = subprocess.Popen(command(model, run), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + timeout
+        while process.poll() is None and time.time() < deadline:
+            if ready(run):
+                process.send_signal(sig)
+                process.wait(timeout=120)
+                stderr.seek(0)
+                return process.returncode, stderr.read()
+            time.sleep(0.002)
+        process.kill()
+        return None
 
 
 def lines(path):
@@ -66,7 +70,7 @@ def reference(small_sft_model, tmp_path_factory):
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, reference, tmp_path, point):
     run = tmp_path / "run"
-    assert kill_when(small_sft_model, run, KILL_POINTS[point]), f"the run ended before the kill point: {point}"
+    assert kill_when(small_sft_model, run, KILL_POINTS[point]) is not None, f"the run ended before the kill point: {point}"
     assert not (run / "iter1" / "complete.json").exists()
     stdout = run_to_end(small_sft_model, run)  # the same command again
     if point == "during generation":
@@ -85,6 +89,24 @@ def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, refe
     expected = load_file(reference / "iter1" / "model" / "model.safetensors")
     assert weights.keys() == expected.keys()
     assert all((weights[k] == expected[k]).all() for k in weights)
+
+
+def test_sigterm_mid_training_saves_the_state_at_that_step_and_the_rerun_is_bit_for_bit(small_sft_model, reference,
+                                                                                         tmp_path):
+    run = tmp_path / "run"
+    stopped = kill_when(small_sft_model, run, lambda run: lines(run / "iter0" / "metrics.jsonl") >= 6, sig=signal.SIGTERM)
+    assert stopped is not None, "the run ended before the signal"
+    status, stderr = stopped
+    assert status == 75, stderr[-2000:]  # preemption.EXIT_RESUMABLE: stopped, not failed
+    stopped_at = int(stderr.split("after step ")[1].split()[0])
+    assert "stopped by SIGTERM in iteration 0" in stderr and stopped_at >= 6  # the step in progress was finished
+    assert torch.load(run / "iter0" / "checkpoint" / "state.pt", weights_only=True)["step"] == stopped_at
+    assert lines(run / "iter0" / "metrics.jsonl") == stopped_at and not (run / "iter0" / "complete.json").exists()
+    stdout = run_to_end(small_sft_model, run)
+    assert f"resuming training at step {stopped_at} of 30" in stdout
+    weights = load_file(run / "iter1" / "model" / "model.safetensors")
+    expected = load_file(reference / "iter1" / "model" / "model.safetensors")
+    assert all((weights[k] == expected[k]).all() for k in expected)
 
 
 def test_a_complete_run_is_not_redone_and_can_be_extended(small_sft_model, reference, tmp_path):
