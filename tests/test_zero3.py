@@ -2,11 +2,15 @@
 against the single-process path: the same data, the same losses, the same weights."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import TOY_RUN, read_jsonl
@@ -80,12 +84,49 @@ def test_the_saved_checkpoint_equals_the_gathered_zero3_parameters(small_sft_mod
     assert result["losses"][0] == pytest.approx(0.6931472, abs=1e-6)
 
 
-def test_torchrun_launches_the_same_run(runs, small_sft_model, tmp_path):
+def torchrun(model, run, *extra):
+    return ["torchrun", "--nproc_per_node", "2", "--master_port", "29532", "spin.py", "--model", str(model), *FLAGS,
+            "--iters", "1", "--per_device_train_batch_size", "4", "--deepspeed", "configs/ds_zero3.json",
+            "--save_steps", "2", "--output_dir", str(run), *extra]
+
+
+def signal_when(command, ready, sig, timeout=300):
+    """Launch, send `sig` as soon as ready() holds, and return the launch's stdout + stderr once every
+    process has ended."""
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.005)
+    if sig == signal.SIGKILL:  # every process at once, like a node going away (the ranks run in their own sessions)
+        for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            victim.kill()
+    else:
+        process.send_signal(sig)  # to torchrun alone, as a scheduler's SIGTERM reaches a launcher
+    output, _ = process.communicate(timeout=120)
+    return output
+
+
+def test_zero3_resumes_mid_iteration_after_sigkill_and_saves_at_sigterm(runs, small_sft_model, tmp_path):
+    """torchrun with two ranks, killed mid-iteration (SIGKILL to every process), resumed, stopped with
+    SIGTERM (torchrun forwards it to the ranks, which finish the step and save), resumed to the end:
+    the same losses as the uninterrupted ZeRO-3 run, from the steps the states were saved at."""
     zero3, _ = runs
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29532", "spin.py", "--model", str(small_sft_model),
-               *FLAGS, "--iters", "1", "--per_device_train_batch_size", "4", "--deepspeed", "configs/ds_zero3.json",
-               "--output_dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    run, metrics = tmp_path / "run", tmp_path / "run" / "iter0" / "metrics.jsonl"
+    signal_when(torchrun(small_sft_model, run), lambda: (run / "iter0" / "checkpoint").exists(), signal.SIGKILL)
+    assert not (run / "iter0" / "complete.json").exists()
+    output = signal_when(torchrun(small_sft_model, run), lambda: len(read_jsonl(metrics)) >= 5 if metrics.exists() else False,
+                         signal.SIGTERM)
+    assert "iteration 0: resuming training at step 2 of 8" in output, output[-3000:]  # not from the iteration's start
+    stopped_at = int(output.split("stopped by SIGTERM in iteration 0 after step ")[1].split()[0])
+    assert 5 <= stopped_at < 8  # the step in progress when the signal came was finished first
+    state = torch.load(run / "iter0" / "checkpoint" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       weights_only=True)
+    assert state["step"] == stopped_at == len(read_jsonl(metrics))
+    result = subprocess.run(torchrun(small_sft_model, run), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")]
-    assert losses == [m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")]  # the same computation
+    assert f"iteration 0: resuming training at step {stopped_at} of 8" in result.stdout
+    steps = read_jsonl(metrics)
+    assert [m["step"] for m in steps] == list(range(8))
+    assert [m["loss"] for m in steps] == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")],
+                                                       abs=TOLERANCE[0])
