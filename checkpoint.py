@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -44,27 +45,54 @@ _held: list[int] = []  # open lock descriptors: the lock lasts as long as the pr
 
 
 def lock(run: Path) -> None:
-    """One run per directory: hold an exclusive flock on <run>/.lock until this process ends. The
-    kernel releases it when the process dies, SIGKILL included, so a killed run leaves no stale lock.
-    A second process (a resubmitted job, the same command started twice) is refused before it
-    writes anything; opening an existing lock file does not change it."""
+    """One run per directory: hold an exclusive flock on <run>/.lock until this process ends, with
+    "host pid" written in it. The kernel releases the flock when the process dies, SIGKILL included,
+    so a killed run leaves no stale lock, only its name, which the next run notes and replaces. A
+    second process (a resubmitted job, the same command started twice) is refused before it writes
+    anything. Where the file system has no locks (some network file systems), the name alone
+    decides: a live process of this host, or any process of another host, keeps the directory."""
     fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.read(fd, 256).decode(errors="replace").split()
+    host, pid = (holder[0], int(holder[1])) if len(holder) == 2 and holder[1].isdigit() else (None, None)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        in_use = False
     except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        in_use = True
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+        in_use = host is not None and (host != socket.gethostname() or _alive(pid))
+    if in_use:
         os.close(fd)
-        raise RunInUse(f"--output_dir {run} is in use by another SPIN run (pid {holder}); wait for it to end "
-                       f"(then the same command resumes it), or choose another --output_dir") from None
+        raise RunInUse(f"--output_dir {run} is in use by another SPIN run (pid {pid or 'unknown'} on host "
+                       f"{host or 'unknown'}); wait for it to end (then the same command resumes it), or choose "
+                       f"another --output_dir") from None
+    if host is not None and (host, pid) != (socket.gethostname(), os.getpid()):
+        print(f"note: {run / LOCK} named pid {pid} on host {host}, which stopped without releasing it (killed); "
+              f"taken over")
+    os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    os.fsync(fd)
     _held.append(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def unlock() -> None:
-    """Release the run directories this process holds (the end of spin.main; a process exit does it too)."""
+    """Release the run directories this process holds (the end of spin.main; a process exit does it
+    too, but leaves the name in the file)."""
     while _held:
-        os.close(_held.pop())  # closing the descriptor releases its flock
+        fd = _held.pop()
+        os.ftruncate(fd, 0)  # a clean end leaves no name to take over
+        os.close(fd)  # closing the descriptor releases its flock
 
 
 def empty(run: Path) -> None:

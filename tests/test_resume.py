@@ -165,20 +165,23 @@ def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes_anything
 
     run = tmp_path / "run"
     assert spin.cli(quick(small_sft_model, run)) == 0
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     holder = os.open(run / ".lock", os.O_RDWR)  # what another process running in the directory holds
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(holder, b"node-7 4242\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     try:
         for extra in ([], ["--iters", "2"], ["--overwrite_output_dir"]):
             assert spin.cli(quick(small_sft_model, run, *extra)) == 2
             err = capsys.readouterr().err
-            assert err.count("\n") == 1 and f"--output_dir {run} is in use by another SPIN run (pid " in err
+            assert err.count("\n") == 1 and f"--output_dir {run} is in use by another SPIN run (pid 4242 on host node-7)" in err
             assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     finally:
         os.close(holder)
     assert spin.cli(quick(small_sft_model, run, "--iters", "2")) == 0  # free again: the same command resumes
-    assert "resuming" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out and "named pid 4242 on host node-7, which stopped without releasing it" in out
+    assert (run / ".lock").read_text() == ""  # a clean end leaves no name behind
 
 
 def test_two_runs_started_together_on_one_directory_one_runs_one_is_refused(small_sft_model, tmp_path):
