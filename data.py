@@ -32,13 +32,14 @@ class DataError(ValueError):
     """Bad input data: the message names the row and is shown to the user as one line."""
 
 
-def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset") -> list[dict]:
-    """Rows in the common schema from the toy, a local file or the Hub; errors name `flag`."""
+def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
+              revision: str | None = None) -> list[dict]:
+    """Rows in the common schema from a local file or the Hub (at `revision`); errors name `flag`."""
     path = Path(source)
     if path.exists():
         table = _read_local(path)
     else:
-        table = _read_hub(source, split, flag)
+        table = _read_hub(source, split, flag, revision)
     try:
         rows = [_normalize(i, record, turn) for i, record in enumerate(table)]
     except DataError as e:
@@ -73,11 +74,11 @@ def _read_local(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(name: str, split: str, flag: str) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str, revision: str | None = None) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split).to_list()
+        return datasets.load_dataset(name, split=split, revision=revision).to_list()
     except Exception as e:  # offline, misspelled, gated: the datasets library raises many kinds
         raise DataError(
             f"{flag} {name}: not a local file and could not be loaded from the Hugging Face Hub "

@@ -29,8 +29,8 @@ def cache_root() -> Path:
 
 
 def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id."""
+               dtype: torch.dtype = torch.float32, revision: str | None = None):
+    """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -42,9 +42,10 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     elif name.endswith(".gguf"):
         name = str(from_gguf(Path(name)))
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    revision = None if Path(name).exists() else revision  # a local directory has no revisions
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, revision=revision,
                                                      trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         if Path(name).exists():

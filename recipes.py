@@ -8,6 +8,8 @@ a run and written to <output_dir>/config.json.
 DEFAULTS = dict(  # without a recipe: the paper's settings where they do not depend on the model
     dataset=None,  # required when --model is not a recipe
     dataset_split="train",
+    model_revision=None,  # the hub's main branch
+    dataset_revision=None,
     max_samples=None,  # all prompts
     system_prompt=None,  # conversations are rendered as they are
     chat_template_kwargs=None,
@@ -41,6 +43,8 @@ RECIPES = {
     # The paper's recipe (arXiv 2401.01335v3 §5.1 and the official configs): see docs/differences.md.
     "zephyr-7b-sft-full": dict(
         model="alignment-handbook/zephyr-7b-sft-full",  # Mistral-7B SFT on UltraChat 200k
+        # The commit the paper used, as the official repository's maintainers state (uclaml/SPIN issue #36).
+        model_revision="ac6e600eefcce74f5e8bae1035d4f66019e93190",
         dataset="HuggingFaceH4/ultrachat_200k",
         dataset_split="train_sft",
         max_samples=50_000,  # sampled with --seed; the paper: "50k prompts"
