@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+import distributed
+
 # Settings that do not change what a run computes: a re-run may differ in these and still resume.
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
@@ -155,7 +157,13 @@ def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
     """save_pretrained into a temporary directory, then rename: a model directory is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)  # safetensors
+    # Inside a process group transformers writes on global rank 0 only; nodes that keep their own run
+    # directory need the model on their disk too, so whoever calls this writes (the callers choose).
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)  # safetensors
+    finally:
+        del model.should_save_on_this_rank
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for file in tmp.iterdir():
@@ -233,14 +241,16 @@ class RunDir:
 
     def __init__(self, args, config: dict):
         self.path, self.config, self.args = Path(args.output_dir), config, args
-        found = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+        found = {p.name for p in self.path.iterdir() if not p.name.startswith(".probe-")} if self.path.is_dir() else set()
         if found and "config.json" not in found and found - STARTUP_LEFTOVERS:
             raise RunDirError(f"--output_dir {self.path} is a non-empty directory that is not a SPIN run; "
                               f"choose another")
-        if found and args.rank == 0:
+        distributed.find_shared_disk(args, self.path)  # several nodes: one directory, or a copy on each
+        self.writer = distributed.writer(args)  # rank 0, or each node's first rank into its own copy
+        if found and self.writer:
             lock(self.path)  # one run per directory, before reading its state
         self.new = not found
-        self.resuming = "config.json" in found and not args.overwrite_output_dir
+        self.resuming = self._agreed("resumes", "config.json" in found and not args.overwrite_output_dir)
         if self.resuming:
             check_config(self.path, config)
         elif found and "config.json" not in found and args.rank == 0:
@@ -252,7 +262,7 @@ class RunDir:
 
     def begin(self, token_rows: list[dict]) -> None:
         """A new run writes its config.json (and, for every run, its tokens.jsonl if missing)."""
-        if not self.resuming and self.args.rank == 0:
+        if not self.resuming and self.writer:
             if self.new:  # locked as soon as it exists; a second process started with this one stops here
                 self.path.mkdir(parents=True, exist_ok=True)
                 lock(self.path)
@@ -261,7 +271,7 @@ class RunDir:
                                    f"run the same command again to resume it")
             empty(self.path)  # --overwrite_output_dir, or what an interrupted start left
             write_atomic(self.path / "config.json", json.dumps(self.config, indent=1))
-        if self.args.rank == 0 and not (self.path / "tokens.jsonl").exists():
+        if self.writer and not (self.path / "tokens.jsonl").exists():
             write_jsonl(self.path / "tokens.jsonl", token_rows)
         self._wait()
 
@@ -269,16 +279,26 @@ class RunDir:
         """The number of complete iterations (cleaning what a kill right after a marker left)."""
         t = 0
         while (self.path / f"iter{t}" / "complete.json").exists():
-            if self.args.rank == 0:
+            if self.writer:
                 clean(self.path / f"iter{t}")
             t += 1
-        return t
+        return self._agreed("has complete iterations", t)
 
     def iteration(self, t: int) -> Path:
-        if self.args.rank == 0:
+        if self.writer:
             (self.path / f"iter{t}").mkdir(exist_ok=True)
         self._wait()
         return self.path / f"iter{t}"
+
+    def _agreed(self, what: str, value):
+        """`value` when every rank found the same in its directory (nodes with copies of their own
+        must hold the same copy); else the run is refused, naming what differs."""
+        seen = distributed.all_gather(self.args, [value])
+        if len(set(seen)) > 1:
+            raise RunDirError(f"--output_dir {self.path}: the nodes' copies differ (the copy of rank r "
+                              f"{what}: {', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
+                              f"the same copy, or one shared directory")
+        return value
 
     def _wait(self) -> None:  # the other ranks wait for rank 0's writes
         if self.args.world_size > 1:

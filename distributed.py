@@ -7,14 +7,18 @@ method; how its recipe (8×A100, ZeRO-3, arXiv 2401.01335v3 §5.1) runs.
     python spin.py --model zephyr-7b-sft-full     # with several GPUs visible: relaunches itself as the first line
 
 Each rank samples its shard of the prompts (prompt i goes to rank i % world) with a full
-inference copy of the opponent, and scores its shard of the training pairs; rank 0 merges the
-shards in prompt order. Then the policy trains under ZeRO-3 and rank 0 writes the consolidated
-weights as a Hugging Face model directory. Without --deepspeed and with one process, every
-function here is a no-op and deepspeed is never imported.
+inference copy of the opponent, and scores its shard of the training pairs; the shards meet through
+the process group (all_gather), in prompt order. Then the policy trains under ZeRO-3
+(backends.py) and the consolidated weights are written as a Hugging Face model directory.
+
+Several nodes need no shared disk: find_shared_disk() tells whether --output_dir is one directory
+that every rank sees, or a copy on each node's disk. In the first case rank 0 writes every file; in
+the second each node's first rank writes what its node's ranks read back (config.json,
+tokens.jsonl, synthetic.jsonl, opponent_logps.jsonl, the next opponent's model/, complete.json, the
+ZeRO-3 training state of its ranks), and rank 0's copy also holds the reports (evaluation, plot,
+TensorBoard). Without --deepspeed and with one process, every function here is a no-op.
 """
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +27,59 @@ import torch
 def world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment (deepspeed, torchrun); (0, 1) without one."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def several_nodes(args) -> bool:
+    """Whether the ranks span more than one machine: torchrun and accelerate say how many ranks this
+    node runs in LOCAL_WORLD_SIZE, the deepspeed launcher in LOCAL_SIZE."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
+    return local is not None and int(local) < args.world_size
+
+
+_own_copies: list[bool] = []  # [True] when every node keeps its own copy of the run directory
+
+
+def find_shared_disk(args, run: Path) -> None:
+    """With several nodes, find out whether --output_dir is one shared directory or a copy on each
+    node's own disk: rank 0 writes a probe file into its directory and every rank looks for it in
+    its own. Creates the directory (on rank 0). Sets what writer() answers for the rest of the run.
+    (A probe left by a kill is ignored by checkpoint.RunDir.)"""
+    _own_copies.clear()
+    if not several_nodes(args):
+        return
+    import uuid
+
+    probe = f".probe-{uuid.uuid4().hex}" if args.rank == 0 else None
+    barrier(args)  # every rank has looked at its directory before the probe appears
+    if args.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / probe).write_text("")
+    holder = [probe]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    seen = all_gather(args, [(run / holder[0]).exists()])
+    barrier(args)
+    if args.rank == 0:
+        (run / probe).unlink()
+    _own_copies.append(not all(seen))
+
+
+def writer(args) -> bool:
+    """Whether this rank writes the run directory's files: rank 0 when every rank sees the same
+    directory (one node, or a shared file system), else each node's first rank into its own copy."""
+    return local_rank() == 0 if _own_copies == [True] else args.rank == 0
+
+
+def broadcast(args, value):
+    """Rank 0's value, on every rank (a Python object)."""
+    if args.world_size == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def relaunch_command(argv: list[str], num_gpus: int) -> list[str] | None:
@@ -96,153 +153,6 @@ def device(args) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def deepspeed_config(args) -> dict:
-    """The JSON of --deepspeed with its "auto" values filled from the flags: one source of truth."""
-    config = json.loads(Path(args.deepspeed).read_text())
-    fill = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-            "gradient_clipping": args.max_grad_norm}
-    for key, value in fill.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-    if config.get("bf16", {}).get("enabled") == "auto":
-        config["bf16"]["enabled"] = bool(args.bf16)
-    return config
-
-
-class Plain:
-    """One process, plain PyTorch: the optimizer steps the model itself.
-
-    The few operations a training step needs, the same for both backends (spin.train):
-    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state (the step to
-    continue from, 0 with nothing saved), save_model."""
-
-    applies_before_check = False  # clip() only measures and clips; update() applies the step
-
-    def __init__(self, model, optimizer, args):
-        self.policy, self.optimizer, self.max_grad_norm = model, optimizer, args.max_grad_norm
-
-    def backward(self, loss, last: bool) -> None:
-        loss.backward()
-
-    def clip(self) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm).item()
-
-    def update(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def save_state(self, path: Path, scheduler, step: int) -> None:
-        import checkpoint
-
-        checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
-
-    def load_state(self, path: Path, scheduler) -> int:
-        """The step a stopped run saved its state at (every --save_steps), or 0 with nothing saved."""
-        import checkpoint
-
-        saved = checkpoint.saved_state(path)
-        return checkpoint.load_training_state(saved, self.policy, self.optimizer, scheduler) if saved else 0
-
-    def save_model(self, tokenizer, path: Path, args) -> None:
-        import checkpoint
-
-        checkpoint.save_model(self.policy, tokenizer, path)
-
-
-class Zero3:
-    """DeepSpeed ZeRO-3: the engine partitions weights, gradients and optimizer state over the ranks
-    and steps the optimizer on each rank's partition."""
-
-    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call
-
-    def __init__(self, model, optimizer, args):
-        import deepspeed
-
-        self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
-        self.policy.checkpoint_engine = safe_checkpoint_engine()
-        self.rank, self.args = args.rank, args
-
-    def backward(self, loss, last: bool) -> None:
-        self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
-        self.policy.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean share
-
-    def clip(self) -> float:
-        self.policy.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
-        return float(self.policy.get_global_grad_norm())
-
-    def update(self) -> None:
-        pass  # done by engine.step() in clip()
-
-    def save_state(self, path: Path, scheduler, step: int) -> None:
-        """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's checkpoint
-        code into path.tmp; then rank 0 swaps the whole directory in. The scheduler, the step and the
-        RNG travel as DeepSpeed's client state."""
-        import checkpoint
-
-        tmp = path.with_name(path.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier(self.args)
-        self.policy.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False, client_state={
-            "step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
-        barrier(self.args)  # every rank's files are written
-        if self.rank == 0:
-            checkpoint.replace_dir(tmp, path)
-        barrier(self.args)
-
-    def load_state(self, path: Path, scheduler) -> int:
-        """Each rank reads its own partition's files (never another rank's), unpickling no code."""
-        import checkpoint
-
-        saved = checkpoint.saved_state(path)
-        if saved is None:
-            return 0
-        _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
-        scheduler.load_state_dict(client["scheduler"])
-        torch.set_rng_state(client["rng"])
-        return client["step"]
-
-    def save_model(self, tokenizer, path: Path, args) -> None:
-        """Every rank joins the gather of the partitioned weights; rank 0 writes them."""
-        import checkpoint
-
-        # stage3_gather_16bit_weights_on_model_save: the full weights in their training dtype, on rank 0
-        state_dict = self.policy._zero3_consolidated_16bit_state_dict()  # the call Accelerate's get_state_dict makes
-        if self.rank == 0:
-            checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state_dict)
-        barrier(args)
-
-
-STATE_TAG = "state"  # iter{t}/checkpoint/state/: DeepSpeed's files of each rank
-
-
-def safe_checkpoint_engine():
-    """DeepSpeed's torch checkpoint engine, except that loading executes no code from the files: a
-    run directory may come from elsewhere. torch.load(weights_only=True) reads tensors, containers
-    and numbers, plus the three DeepSpeed types its ZeRO-3 optimizer files hold (an enum and the loss
-    scalers, which are plain numbers). Saving uses torch's zip format, which weights_only reads."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def save(self, state_dict, path: str):
-            torch.save(state_dict, path)
-
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return WeightsOnly()
-
-
-def trainer(model, optimizer, args) -> Plain | Zero3:
-    """The training backend, chosen once: ZeRO-3 with --deepspeed, plain PyTorch without."""
-    return Zero3(model, optimizer, args) if args.deepspeed else Plain(model, optimizer, args)
 
 
 def exit_if_relaunched(argv: list[str]) -> None:

@@ -176,6 +176,8 @@ class Report:
             start = {"iteration": "start", **self.evaluate(model, 0)}
             checkpoint.write_atomic(self.run / "start.json", json.dumps(start))
         distributed.barrier(self.args)
+        if not self.rank0:
+            return
         self.summary = [json.loads((self.run / "start.json").read_text())] + \
             [json.loads((self.run / f"iter{t}" / "complete.json").read_text()) for t in range(completed)]
         self.cols = columns(self.summary[0])
@@ -201,7 +203,9 @@ class Report:
 
     def end_iteration(self, t: int, model, pairs: list[dict], train_pairs: list[dict], history: list[dict],
                       learning_rate: float) -> None:
-        """θ_{t+1}'s row; iter{t}/complete.json, the marker that the iteration is done, is written last."""
+        """θ_{t+1}'s row; iter{t}/complete.json, the marker that the iteration is done, is written last
+        (also into the run directory of every node that keeps its own)."""
+        row = None
         if self.rank0:
             args, it = self.args, self.run / f"iter{t}"
             tail = history[-10:]  # the last 10 steps: one batch alone is noisy
@@ -221,7 +225,10 @@ class Report:
             self.tracker.log_eval(row, t + 1)
             write_evaluation(self.run, self.summary)
             plot.draw(self.run)
-        distributed.barrier(self.args)
+        row = distributed.broadcast(self.args, row)  # the other ranks wait here for rank 0's evaluation
+        if distributed.writer(self.args) and not self.rank0:
+            checkpoint.write_atomic(self.run / f"iter{t}" / "complete.json", json.dumps(row))
+            checkpoint.clean(self.run / f"iter{t}")
 
     def finish(self) -> None:
         if not self.rank0:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import backends
 import checkpoint
 import data
 import distributed
@@ -141,7 +142,7 @@ def train_step(trainer, step_pairs: list[dict], args) -> dict:
 
 def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path, on_step=None):
     """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
-    Returns (per-step metrics, the trainer: distributed.Plain or Zero3). Resumes from it/checkpoint
+    Returns (per-step metrics, the trainer: backends.Plain or Zero3). Resumes from it/checkpoint
     when a stopped run left one there. on_step(record) sees every step's metrics (TensorBoard)."""
     model.train()
     if args.gradient_checkpointing:
@@ -149,7 +150,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     disable_dropout(model)
     total_steps = math.ceil(len(pairs) / global_batch(args)) * args.num_train_epochs
     optimizer, scheduler = rmsprop(model, learning_rate, total_steps, args.warmup_ratio)
-    trainer = distributed.trainer(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
+    trainer = backends.trainer(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
     state, metrics_path = it / "checkpoint", it / "metrics.jsonl"
     first_step = saved_step = trainer.load_state(state, scheduler)  # 0: the iteration starts from θ_t
     if first_step:
@@ -208,8 +209,8 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
     """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y').
 
     Rank r samples prompts r, r + world, ... and appends each finished batch to
-    generated.rank{r}.jsonl, so a stopped run continues where it was; rank 0 then merges the
-    shards in prompt order into synthetic.jsonl."""
+    generated.rank{r}.jsonl, so a stopped run continues where it was; the shards then meet through
+    the process group and are written in prompt order into synthetic.jsonl."""
     final = it / "synthetic.jsonl"
     if final.exists():
         print0(f"iteration {t}: reusing the generated responses in {final}")
@@ -236,7 +237,7 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
     preemption.stop_if_requested(args, f"while sampling iteration {t}'s responses (those sampled are kept in {it})")
     # The shards meet through the process group, not the disk: nodes need not share one.
     samples = {d["id"]: d for d in distributed.all_gather(args, [{"id": rows[i]["id"], **r} for i, r in zip(shard, results)])}
-    if args.rank == 0:
+    if distributed.writer(args):  # rank 0; or, when each node keeps its own run directory, each node's first rank
         # Rows in the official SPIN schema (real/generated conversations) plus the exact token ids.
         pairs = [{"id": r["id"], "iteration": t,
                   "real": r["messages"] + [{"role": "assistant", "content": r["response"]}],
@@ -267,7 +268,7 @@ def attach_opponent_logps(model, train_pairs: list[dict], t: int, args, it: Path
         by_index = {i: (real, generated) for i, real, generated in scored}
         saved = [{"iteration": p["iteration"], "id": p["id"], "opponent_real_logp": by_index[i][0],
                   "opponent_generated_logp": by_index[i][1]} for i, p in enumerate(train_pairs)]
-        if args.rank == 0:
+        if distributed.writer(args):
             checkpoint.write_jsonl(path, saved)
         distributed.barrier(args)
     for p, s in zip(train_pairs, saved):

@@ -93,7 +93,7 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     model = type(model).from_pretrained(args.model)  # a fresh copy: θ = θ_t
     args.per_device_train_batch_size, args.warmup_ratio, args.num_train_epochs = len(pairs), 0.0, 1
     history, trainer = spin.train(model, pairs, 1e-4, 0, args, tmp_path)
-    assert isinstance(trainer, spin.distributed.Plain)  # no --deepspeed: the plain PyTorch path
+    assert isinstance(trainer, spin.backends.Plain)  # no --deepspeed: the plain PyTorch path
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)

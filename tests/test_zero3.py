@@ -130,3 +130,34 @@ def test_zero3_resumes_mid_iteration_after_sigkill_and_saves_at_sigterm(runs, sm
     assert [m["step"] for m in steps] == list(range(8))
     assert [m["loss"] for m in steps] == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")],
                                                        abs=TOLERANCE[0])
+
+
+def two_nodes(model, runs, *extra):
+    """Two torchrun launchers with one rank each, as two nodes rendezvousing on the loopback address."""
+    launchers = [subprocess.Popen(["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                                   "--master_addr", "127.0.0.1", "--master_port", "29533", "spin.py", "--model", str(model),
+                                   *FLAGS, "--iters", "1", "--per_device_train_batch_size", "4", "--deepspeed",
+                                   "configs/ds_zero3.json", "--output_dir", str(run), *extra],
+                                  cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for node, run in enumerate(runs)]
+    outputs = [p.communicate(timeout=400)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+
+@pytest.mark.parametrize("disk", ["one shared directory", "a copy on each node"])
+def test_two_nodes_give_the_rows_and_losses_of_one_process(runs, small_sft_model, tmp_path, disk):
+    zero3, single = runs
+    copies = [tmp_path / "run"] * 2 if disk == "one shared directory" else [tmp_path / "node0", tmp_path / "node1"]
+    two_nodes(small_sft_model, copies)
+    for run in dict.fromkeys(copies):  # what every node's disk holds: all that its ranks read back
+        assert read_jsonl(run / "iter0" / "synthetic.jsonl") == read_jsonl(single / "iter0" / "synthetic.jsonl")
+        assert (run / "iter0" / "complete.json").exists() and (run / "iter0" / "model" / "model.safetensors").exists()
+        assert load_file(run / "iter0" / "model" / "model.safetensors").keys() == load_file(
+            zero3 / "iter0" / "model" / "model.safetensors").keys()
+    losses = [m["loss"] for m in read_jsonl(copies[0] / "iter0" / "metrics.jsonl")]
+    assert losses == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")], abs=TOLERANCE[0])
+    assert (copies[0] / "evaluation.jsonl").exists()  # the reports: rank 0's disk
+    if disk == "a copy on each node":
+        assert not (copies[1] / "evaluation.jsonl").exists() and not (copies[1] / "metrics.jsonl").exists()
+        a, b = (load_file(run / "iter0" / "model" / "model.safetensors") for run in copies)
+        assert all((a[k] == b[k]).all() for k in a)  # both nodes wrote the same θ_1

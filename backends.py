@@ -1,0 +1,165 @@
+"""The training backends: plain PyTorch for one process, DeepSpeed ZeRO-3 for several (the paper's
+8×A100 recipe). Both offer the same few operations, so spin.train has one loop for either:
+
+    trainer = backends.trainer(model, optimizer, args)    # chosen once
+    trainer.backward(loss, last)    trainer.clip() -> gradient norm    trainer.update()
+    trainer.save_state / load_state (mid-iteration resume)    trainer.save_model (θ_{t+1})
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import distributed
+
+
+def deepspeed_config(args) -> dict:
+    """The JSON of --deepspeed with its "auto" values filled from the flags: one source of truth."""
+    config = json.loads(Path(args.deepspeed).read_text())
+    fill = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "gradient_clipping": args.max_grad_norm}
+    for key, value in fill.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = bool(args.bf16)
+    return config
+
+
+class Plain:
+    """One process, plain PyTorch: the optimizer steps the model itself.
+
+    The few operations a training step needs, the same for both backends (spin.train):
+    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state (the step to
+    continue from, 0 with nothing saved), save_model."""
+
+    applies_before_check = False  # clip() only measures and clips; update() applies the step
+
+    def __init__(self, model, optimizer, args):
+        self.policy, self.optimizer, self.max_grad_norm = model, optimizer, args.max_grad_norm
+
+    def backward(self, loss, last: bool) -> None:
+        loss.backward()
+
+    def clip(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm).item()
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, path: Path, scheduler, step: int) -> None:
+        checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
+
+    def load_state(self, path: Path, scheduler) -> int:
+        """The step a stopped run saved its state at (every --save_steps), or 0 with nothing saved."""
+        saved = checkpoint.saved_state(path)
+        return checkpoint.load_training_state(saved, self.policy, self.optimizer, scheduler) if saved else 0
+
+    def save_model(self, tokenizer, path: Path, args) -> None:
+        checkpoint.save_model(self.policy, tokenizer, path)
+
+
+class Zero3:
+    """DeepSpeed ZeRO-3: the engine partitions weights, gradients and optimizer state over the ranks
+    and steps the optimizer on each rank's partition."""
+
+    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call
+
+    def __init__(self, model, optimizer, args):
+        import deepspeed
+
+        self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
+        self.policy.checkpoint_engine = safe_checkpoint_engine()
+        self.rank, self.args = args.rank, args
+
+    def backward(self, loss, last: bool) -> None:
+        self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
+        self.policy.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean share
+
+    def clip(self) -> float:
+        self.policy.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
+        return float(self.policy.get_global_grad_norm())
+
+    def update(self) -> None:
+        pass  # done by engine.step() in clip()
+
+    def save_state(self, path: Path, scheduler, step: int) -> None:
+        """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's checkpoint
+        code into path.tmp; then rank 0 swaps the whole directory in. The scheduler, the step and the
+        RNG travel as DeepSpeed's client state."""
+        tmp = path.with_name(path.name + ".tmp")
+        if distributed.writer(self.args):
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier(self.args)
+        self.policy.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False, client_state={
+            "step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+        distributed.barrier(self.args)  # every rank's files are written
+        if distributed.writer(self.args):
+            checkpoint.replace_dir(tmp, path)
+        distributed.barrier(self.args)
+
+    def load_state(self, path: Path, scheduler) -> int:
+        """Each rank reads its own partition's files (never another rank's), unpickling no code."""
+        saved = checkpoint.saved_state(path)
+        if len(set(distributed.all_gather(self.args, [saved is not None]))) > 1:
+            raise checkpoint.RunDirError(f"{path}: the training state is on some nodes' disks and not on others'; "
+                                         f"give every node the same copy of --output_dir, or one shared directory")
+        if saved is None:
+            return 0
+        _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
+        scheduler.load_state_dict(client["scheduler"])
+        torch.set_rng_state(client["rng"])
+        return client["step"]
+
+    def save_model(self, tokenizer, path: Path, args) -> None:
+        """Every rank joins the gather of the partitioned weights, one module at a time; the ranks that
+        write (rank 0, or each node's first rank when nodes keep their own copies) keep a CPU copy of
+        each whole weight, in its training dtype, and write the model directory."""
+        import deepspeed
+
+        writes, state, copies = distributed.writer(args), {}, {}
+        for prefix, module in self.policy.module.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters([p for _, p in own]):
+                if writes:
+                    for name, p in own:  # a tied weight (lm_head = embed_tokens) stays one tensor
+                        state[f"{prefix}.{name}" if prefix else name] = copies.setdefault(id(p), p.detach().cpu().clone())
+            for name, buffer in module.named_buffers(recurse=False):
+                if writes and name not in module._non_persistent_buffers_set:
+                    state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
+        if writes:
+            checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state)
+        distributed.barrier(args)
+
+
+STATE_TAG = "state"  # iter{t}/checkpoint/state/: DeepSpeed's files of each rank
+
+
+def safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, except that loading executes no code from the files: a
+    run directory may come from elsewhere. torch.load(weights_only=True) reads tensors, containers
+    and numbers, plus the three DeepSpeed types its ZeRO-3 optimizer files hold (an enum and the loss
+    scalers, which are plain numbers). Saving uses torch's zip format, which weights_only reads."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            torch.save(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnly()
+
+
+def trainer(model, optimizer, args) -> Plain | Zero3:
+    """The training backend, chosen once: ZeRO-3 with --deepspeed, plain PyTorch without."""
+    return Zero3(model, optimizer, args) if args.deepspeed else Plain(model, optimizer, args)
