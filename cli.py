@@ -99,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    from_accelerate_launch(args)
 
     recipe = RECIPES.get(args.model, {})
     accumulation_given = args.gradient_accumulation_steps is not None
@@ -114,6 +115,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                               * args.world_size))
     validate(args)
     return args
+
+
+def from_accelerate_launch(args) -> None:
+    """`accelerate launch --config_file CONFIG spin.py ...` (how alignment-handbook and the official SPIN
+    code launch): its DeepSpeed settings stand for --deepspeed and its bf16 for --bf16, unless given.
+    Accelerate passes them in the environment; this project runs its own ZeRO-3 loop with them."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return
+    if args.bf16 is None and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
+        args.bf16 = True
+    if args.deepspeed is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            args.deepspeed = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        elif stage == "3":
+            args.deepspeed = str(Path(__file__).resolve().parent / "configs" / "ds_zero3.json")
+        else:
+            raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe trains with ZeRO-3; "
+                             f"set zero_stage: 3 or deepspeed_config_file in the accelerate config, or pass --deepspeed")
 
 
 def validate(args) -> None:

@@ -161,3 +161,17 @@ def test_two_nodes_give_the_rows_and_losses_of_one_process(runs, small_sft_model
         assert not (copies[1] / "evaluation.jsonl").exists() and not (copies[1] / "metrics.jsonl").exists()
         a, b = (load_file(run / "iter0" / "model" / "model.safetensors") for run in copies)
         assert all((a[k] == b[k]).all() for k in a)  # both nodes wrote the same θ_1
+
+
+def test_accelerate_launch_with_its_deepspeed_config_runs_the_same_zero3_iteration(runs, small_sft_model, tmp_path):
+    """alignment-handbook's and the official SPIN code's launcher: configs/accelerate_zero3.yaml names
+    configs/ds_zero3.json, which spin.py takes as its --deepspeed; two CPU ranks instead of 8 GPUs."""
+    zero3, _ = runs
+    result = subprocess.run(["accelerate", "launch", "--config_file", "configs/accelerate_zero3.yaml", "--num_processes",
+                             "2", "--main_process_port", "29534", "spin.py", "--model", str(small_sft_model), *FLAGS,
+                             "--iters", "1", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "run")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deepspeed"] == "configs/ds_zero3.json"
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")]
+    assert losses == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")], abs=TOLERANCE[0])
