@@ -5,7 +5,7 @@ gains; (d) p_data is the fixed point (Theorem 5.2) and each ideal step moves p_t
 p_t·(p_data/p_t)^{1/λ} (Theorem 5.4, checked exactly in tests/test_theory.py).
 
     python experiments/toy_evidence.py                 # 3 seeds, 4 iterations: ~15 min on 2 CPU cores
-    python experiments/toy_evidence.py --fast          # 1 seed, 2 iterations, no real grid: what CI runs
+    python experiments/toy_evidence.py --fast          # 1 seed, 2 iterations, 512 prompts, no real grid: what CI runs
 
 Protocol, fixed before the final runs: λ and the learning rate of SPIN, and the learning rate of
 continued SFT, are chosen on the VALIDATION prompts (toy.make_rows("validation")) with seed 0 and
@@ -37,9 +37,11 @@ SFT_GRID = [3e-5, 1e-4, 3e-4]
 BATCH = 64  # pairs per SPIN step and sequences per SFT step: the toy recipe's
 
 
-def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: int, split: str) -> list[dict]:
+def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: int, split: str,
+             max_samples: int | None = None) -> list[dict]:
     """SPIN through spin.main; then each iteration's saved model evaluated on `split`."""
-    spin.main(["--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta", str(beta),
+    spin.main([*(["--max_samples", str(max_samples)] if max_samples else []),
+               "--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta", str(beta),
                "--learning_rate", str(lr), "--seed", str(seed), "--quiet", "--output_dir", str(out),
                "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "16",
                "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH)])
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=4)
-    p.add_argument("--fast", action="store_true", help="1 seed, 2 iterations, a 1-point grid and so no protocol runs: for CI")
+    p.add_argument("--fast", action="store_true",
+                   help="1 seed, 2 iterations, 512 of the 2000 prompts, a 1-point grid and so no protocol runs: for CI")
     p.add_argument("--out", default="runs/evidence")
     args = p.parse_args(argv)
     if args.fast:
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
         tokenizer, model = models.load_model(str(start))
         initial = evaluation.toy_metrics(model, tokenizer, "test")
         spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
-                                seed, "test")
+                                seed, "test", 512 if args.fast else None)
         sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"], seed, "test")
         runs.append({"seed": seed, "start": initial, "spin": spin_results, "sft": sft_results})
         print(f"seed {seed}: start TV {initial['tv_distance']:.4f}; SPIN TV "

@@ -32,7 +32,7 @@ def test_every_spin_iteration_starts_at_log_2(fast):
 def test_continued_sft_gets_exactly_spins_optimizer_steps_and_the_outputs_exist(fast):
     results = json.loads((fast / "results.json").read_text())
     [run] = results["runs"]
-    assert [r["steps"] for r in run["sft"]] == [r["steps"] for r in run["spin"]] == [64, 126]  # 2 epochs of 2000 pairs, then of 4000
+    assert [r["steps"] for r in run["sft"]] == [r["steps"] for r in run["spin"]] == [16, 32]  # 2 epochs of 512 pairs, then of 1024
     assert all(0 <= r["tv_distance"] <= 1 for r in run["spin"] + run["sft"])
     assert (fast / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((fast / "results.md").read_text().splitlines()) == 2 + 3  # header, rule, start + 2 iterations
