@@ -7,8 +7,9 @@ is complete only when its marker `iter{t}/complete.json` exists, and that is wri
     iter{t}/generated.rank{r}.jsonl   rank r's sampled responses, appended one generation batch at a time
     iter{t}/synthetic.jsonl           all of iteration t's pairs, once generation is complete
     iter{t}/opponent_logps.jsonl      log p_θt of every training pair, once the pass is complete
-    iter{t}/checkpoint/               training state every --save_steps: model, optimizer,
-                                      scheduler, step, RNG (the data order is a function of the step)
+    iter{t}/checkpoint/               training state every --save_steps and at a stop signal: model,
+                                      optimizer, scheduler, step, RNG (the data order is a function
+                                      of the step); under ZeRO-3 each rank's partition (backends.py)
     iter{t}/model/                    θ_{t+1}
     iter{t}/complete.json             the iteration's summary row: written last
 """
