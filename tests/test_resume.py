@@ -30,11 +30,11 @@ def run_to_end(model, run, *extra):
     return result.stdout
 
 
-def kill_when(model, run, ready, timeout=240, sig=signal.SIGKILL):
+def kill_when(model, run, ready, timeout=240, sig=signal.SIGKILL, extra=()):
     """Start a run, send it `sig` as soon as ready(run) holds; return (exit status, stderr) once it
     has ended, or None when it ended before ready(run) held."""
     with open(run.with_name(run.name + ".stderr"), "w+") as stderr:
-        process = subprocess.Popen(command(model, run), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(command(model, run, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + timeout
         while process.poll() is None and time.time() < deadline:
             if ready(run):
@@ -182,6 +182,20 @@ def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes_anything
     out = capsys.readouterr().out
     assert "resuming" in out and "named pid 4242 on host node-7, which stopped without releasing it" in out
     assert (run / ".lock").read_text() == ""  # a clean end leaves no name behind
+
+
+def test_sigusr1_during_generation_stops_after_the_batch_and_keeps_what_was_sampled(small_sft_model, tmp_path, capsys):
+    import spin
+
+    run, shard = tmp_path / "run", tmp_path / "run" / "iter0" / "generated.rank0.jsonl"
+    stopped = kill_when(small_sft_model, run, lambda run: lines(shard) >= 1, sig=signal.SIGUSR1, extra=QUICK)
+    assert stopped is not None and stopped[0] == 75, stopped
+    assert "stopped by SIGUSR1 while sampling iteration 0's responses" in stopped[1]
+    kept = lines(shard)
+    assert 1 <= kept < 32 and kept % 8 == 0 and not (run / "iter0" / "synthetic.jsonl").exists()  # whole batches
+    assert spin.cli(quick(small_sft_model, run)) == 0
+    assert f"found {kept} of 32 generated responses" in capsys.readouterr().out
+    assert len(read_jsonl(run / "iter0" / "synthetic.jsonl")) == 32
 
 
 def test_two_runs_started_together_on_one_directory_one_runs_one_is_refused(small_sft_model, tmp_path):
