@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--model", default="toy", help=f"recipe ({', '.join(RECIPES)}), model directory or hub id")
     g.add_argument("--dataset", help="'toy', a local .jsonl/.json/.parquet file, or a hub data set name")
     g.add_argument("--dataset_split", help="split of a hub data set (default: train)")
+    g.add_argument("--gguf_file", help="a GGUF file in the --model directory or hub repository (dequantized once)")
     g.add_argument("--model_revision", help="hub commit, branch or tag of --model (zephyr recipe: the paper's)")
     g.add_argument("--dataset_revision", help="hub commit, branch or tag of --dataset and a same-named --eval_dataset")
     g.add_argument("--max_samples", type=int, help="number of prompts, sampled with --seed (default: all)")

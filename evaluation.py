@@ -173,7 +173,7 @@ def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path, stop: lis
         samples = sample_and_score(model, tokenizer, heldout, s, previous, args, run / "eval" / f"model{s}.jsonl", stop)
         row.update(metrics(samples, previous, args.beta, args.loss_type))
     if args.dataset == "toy":
-        row.update(toy_metrics(model, tokenizer, "test", args.max_new_tokens, args.generation_batch_size))
+        row.update(toy_metrics(model, tokenizer, "test", args.max_new_tokens))  # greedy, all 500 prompts in one batch
     if args.eval_tasks:
         row.update(lm_eval_scores(model, tokenizer, args, run / "eval" / f"lm_eval_model{s}.json"))
     return row

@@ -29,8 +29,9 @@ def cache_root() -> Path:
 
 
 def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32, revision: str | None = None):
-    """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`)."""
+               dtype: torch.dtype = torch.float32, revision: str | None = None, gguf_file: str | None = None):
+    """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`);
+    gguf_file: a GGUF file inside the directory or hub repository `name` (transformers' convention)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -41,6 +42,8 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
         name = str(toy.sft_model_path())
     elif name.endswith(".gguf"):
         name = str(from_gguf(Path(name)))
+    elif gguf_file:
+        name = str(from_gguf(gguf_path(name, gguf_file, revision)))
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     revision = None if Path(name).exists() else revision  # a local directory has no revisions
     try:
@@ -66,6 +69,19 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def gguf_path(name: str, gguf_file: str, revision: str | None = None) -> Path:
+    """--model DIR_OR_HUB_ID --gguf_file FILE: the file in the directory, or downloaded from the repository."""
+    if Path(name).is_dir():
+        return Path(name) / gguf_file
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.hf_hub_download(name, gguf_file, revision=revision))
+    except Exception as e:  # offline, no such repository or file
+        raise ModelError(f"--model {name} --gguf_file {gguf_file}: not a local directory and could not be downloaded "
+                         f"from the Hugging Face Hub ({first_line(e)[:200]})") from None
 
 
 def from_gguf(path: Path) -> Path:

@@ -168,6 +168,7 @@ class Report:
         self.rank0 = args.rank == 0
         self.tracker = Tracker(run, args) if self.rank0 else None
         self.started = time.time()
+        self.drawn = None  # the summary rows spin.png shows, when this process drew it
 
     def start(self, model, completed: int) -> None:
         """θ_0's held-out numbers (measured once per run), and the rows of the iterations already done."""
@@ -225,6 +226,7 @@ class Report:
             self.tracker.log_eval(row, t + 1)
             write_evaluation(self.run, self.summary)
             plot.draw(self.run)
+            self.drawn = len(self.summary)
         row = distributed.broadcast(self.args, row)  # the other ranks wait here for rank 0's evaluation
         if distributed.writer(self.args) and not self.rank0:
             checkpoint.write_atomic(self.run / f"iter{t}" / "complete.json", json.dumps(row))
@@ -236,7 +238,8 @@ class Report:
         summary = self.summary[:self.args.iters + 1]  # a run directory may hold more iterations than --iters
         checkpoint.write_jsonl(self.run / "iterations.jsonl", summary[1:])
         write_evaluation(self.run, summary)
-        plot.draw(self.run)
+        if self.drawn != len(summary):  # the last iteration's drawing already shows these rows
+            plot.draw(self.run)
         self.tracker.close()
         row = self.data.rows[0]
         showcase = {"prompt": row["messages"][-1]["content"], "human": row["response"],

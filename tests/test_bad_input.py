@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import numpy
 import pytest
 
 import spin
@@ -51,6 +53,14 @@ def files(tmp_path, small_sft_model):
     (no_header / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}")
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "garbage.gguf").write_bytes(b"not a GGUF file")
+    unsupported = gguf.GGUFWriter(str(tmp_path / "unsupported.gguf"), arch="xyzzy")  # a real GGUF file
+    unsupported.add_block_count(1)
+    unsupported.add_tensor("token_embd.weight", numpy.zeros((4, 8), dtype=numpy.float32))
+    unsupported.write_header_to_file()
+    unsupported.write_kv_data_to_file()
+    unsupported.write_tensors_to_file()
+    unsupported.close()
     (tmp_path / "data.csv").write_text("prompt,response\nq,a\n")
     (tmp_path / "object.json").write_text(json.dumps(GOOD))
     (tmp_path / "not-a-run").mkdir()
@@ -106,6 +116,10 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
                                       "argument --chat_template_kwargs: must be a JSON object"),
     "template without generation header": (["--model", "{no_header}"], "its chat template writes nothing for "
                                                                        "add_generation_prompt=True"),
+    "not a GGUF file": (["--model", "{dir}/garbage.gguf"], "does not start with the GGUF magic bytes"),
+    "GGUF of an unsupported architecture": (["--model", "{dir}/unsupported.gguf"],
+                                            "transformers cannot load this GGUF file (GGUF model with architecture xyzzy"),
+    "--gguf_file not in the directory": (["--model", "{dir}", "--gguf_file", "nope.gguf"], "--model {dir}/nope.gguf: no such file"),
     "output_dir that is not a run": (["--output_dir", "{dir}/not-a-run"], "is a non-empty directory that is not a SPIN run"),
 }
 

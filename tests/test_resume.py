@@ -19,7 +19,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "
 
 
 def command(model, run, *extra):
-    return [sys.executable, str(ROOT / "spin.py"), *toy_run(model, run, "--max_samples", 160, "--iters", 2,
+    return [sys.executable, str(ROOT / "spin.py"), *toy_run(model, run, "--max_samples", 96, "--iters", 2,
             "--generation_batch_size", 8, "--per_device_train_batch_size", 8, "--save_steps", 4,
             "--eval_samples", 20, *extra)]  # --eval_samples: a small held-out set
 
@@ -79,10 +79,10 @@ def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, refe
         assert "resuming training at step" in stdout and "reusing the opponent log-probs" in stdout
     for t in range(2):
         rows = read_jsonl(run / f"iter{t}" / "synthetic.jsonl")
-        assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 160  # each once
+        assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 96  # each once
         assert (run / f"iter{t}" / "synthetic.jsonl").read_text() == (reference / f"iter{t}" / "synthetic.jsonl").read_text()
         assert [m["step"] for m in read_jsonl(run / f"iter{t}" / "metrics.jsonl")] \
-            == list(range(20 if t == 0 else 40))  # no step logged twice, none lost
+            == list(range(12 if t == 0 else 24))  # no step logged twice, none lost
         assert not (run / f"iter{t}" / "generated.rank0.jsonl").exists() and not (run / f"iter{t}" / "checkpoint").exists()
     # CPU, one thread, the same batches in the same order: the weights are bit-for-bit equal.
     weights = load_file(run / "iter1" / "model" / "model.safetensors")
@@ -103,7 +103,7 @@ def test_sigterm_mid_training_saves_the_state_at_that_step_and_the_rerun_is_bit_
     assert torch.load(run / "iter0" / "checkpoint" / "state.pt", weights_only=True)["step"] == stopped_at
     assert lines(run / "iter0" / "metrics.jsonl") == stopped_at and not (run / "iter0" / "complete.json").exists()
     stdout = run_to_end(small_sft_model, run)
-    assert f"resuming training at step {stopped_at} of 20" in stdout
+    assert f"resuming training at step {stopped_at} of 12" in stdout
     weights = load_file(run / "iter1" / "model" / "model.safetensors")
     expected = load_file(reference / "iter1" / "model" / "model.safetensors")
     assert all((weights[k] == expected[k]).all() for k in expected)
