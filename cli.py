@@ -101,7 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     from_accelerate_launch(args)
+    apply_recipe(args)
+    validate(args)
+    return args
 
+
+def apply_recipe(args) -> None:
+    """Every flag not given takes the recipe's value (--model NAME), else the default."""
     recipe = RECIPES.get(args.model, {})
     accumulation_given = args.gradient_accumulation_steps is not None
     for key, value in {**DEFAULTS, **recipe}.items():
@@ -114,8 +120,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
         args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
                                                                               * args.world_size))
-    validate(args)
-    return args
 
 
 def from_accelerate_launch(args) -> None:
