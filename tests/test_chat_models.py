@@ -112,16 +112,12 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
 
 @pytest.fixture(scope="module")
 def smollm2_run(smollm2, tmp_path_factory):
-    """python spin.py on a real chat model and real human conversations: 2 iterations, 8 prompts, 4 held out."""
-    root = tmp_path_factory.mktemp("smollm2")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(8, skip=100)))
-    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chitchat_rows(4, skip=200)))
-    run = root / "run"
-    code = spin.cli(["--model", str(smollm2), "--dataset", str(root / "train.jsonl"), "--eval_dataset",
-                     str(root / "heldout.jsonl"), "--eval_split", "train", "--output_dir", str(run), "--iters", "2",
-                     "--beta", "0.1", "--learning_rate", "2e-6", "--per_device_train_batch_size", "8",
-                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--max_length", "256",
-                     "--max_prompt_length", "128", "--generation_batch_size", "8", "--quiet"])
+    """The smollm2-135m recipe, small: a real chat model (the packaged GGUF) on real human conversations
+    (the chitchat package's), 2 iterations, 8 prompts, 4 held-out prompts from the test split."""
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    code = spin.cli(["--model", "smollm2-135m", "--max_samples", "8", "--eval_samples", "4", "--iters", "2",
+                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--generation_batch_size", "8",
+                     "--output_dir", str(run), "--quiet"])
     assert code == 0
     return run
 
