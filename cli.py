@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "conversations that have none (recipe zephyr-7b-sft-full: \"\", as alignment-handbook trained it)")
     g.add_argument("--chat_template_kwargs", type=json_object, metavar="JSON",
                    help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)")
-    g.add_argument("--output_dir", help="the run directory (default: runs/<model name>)")
+    g.add_argument("--output_dir", help="the run directory (default: runs/<recipe or model name>)")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an existing run directory instead of resuming it")
     g.add_argument("--save_steps", type=int, default=500, help="save the training state every N optimizer steps")
@@ -115,7 +115,7 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
     args.recipe = args.model if recipe else None
     args.model = recipe.get("model", args.model)
-    args.output_dir = args.output_dir or os.path.join("runs", Path(args.model).name or "model")
+    args.output_dir = args.output_dir or os.path.join("runs", args.recipe or Path(args.model).name or "model")
     args.rank, args.world_size = distributed.world()
     if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
         args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
