@@ -283,7 +283,7 @@ class RunDir:
             if self.writer:
                 clean(self.path / f"iter{t}")
             t += 1
-        return self._agreed("has complete iterations", t)
+        return self._agreed("has complete iterations, and how many", t)
 
     def iteration(self, t: int) -> Path:
         if self.writer:
@@ -296,8 +296,8 @@ class RunDir:
         must hold the same copy); else the run is refused, naming what differs."""
         seen = distributed.all_gather(self.args, [value])
         if len(set(seen)) > 1:
-            raise RunDirError(f"--output_dir {self.path}: the nodes' copies differ (the copy of rank r "
-                              f"{what}: {', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
+            raise RunDirError(f"--output_dir {self.path}: the nodes' copies differ in whether the run {what} "
+                              f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
                               f"the same copy, or one shared directory")
         return value
 
