@@ -38,9 +38,13 @@ def json_object(text: str) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="SPIN, Self-Play Fine-Tuning (arXiv 2401.01335): Algorithm 1, all iterations")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="toy", help=f"recipe ({', '.join(RECIPES)}), model directory or hub id")
-    g.add_argument("--dataset", help="'toy', a local .jsonl/.json/.parquet file, or a hub data set name")
-    g.add_argument("--dataset_split", help="split of a hub data set (default: train)")
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON of flag names and values (a run's config.json "
+                   "too); flags given on the command line override it")
+    g.add_argument("--model", "--model_name_or_path", default="toy", help=f"recipe ({', '.join(RECIPES)}), model "
+                   "directory or hub id")
+    g.add_argument("--dataset", "--dataset_name", help="'toy', 'chitchat', a local .jsonl/.json/.parquet file, or a "
+                   "hub data set name")
+    g.add_argument("--dataset_split", "--dataset_train_split", help="split of a hub data set (default: train)")
     g.add_argument("--gguf_file", help="a GGUF file in the --model directory or hub repository (dequantized once)")
     g.add_argument("--model_revision", help="hub commit, branch or tag of --model (zephyr recipe: the paper's)")
     g.add_argument("--dataset_revision", help="hub commit, branch or tag of --dataset and a same-named --eval_dataset")
@@ -59,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("SPIN")
     g.add_argument("--iters", type=int, help="self-play iterations T (paper: 4)")
     g.add_argument("--beta", type=float, help="λ in the paper: the regularization of Eq. 4.7 (paper: 0.1)")
-    g.add_argument("--loss_type", choices=["logistic", "hinge"], default="logistic", help="ℓ in Eq. 4.7")
+    g.add_argument("--loss_type", choices=["logistic", "sigmoid", "hinge"], default="logistic",
+                   help="ℓ in Eq. 4.7 (sigmoid: TRL's name for logistic)")
     g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
                    help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
     g = p.add_argument_group("generation (the opponent's samples)")
@@ -99,11 +104,54 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tensorboard: event files in <output_dir>/tensorboard (pip install tensorboard)")
     g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(**config_file(p, argv))
     args = p.parse_args(argv)
+    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name in config.json
     from_accelerate_launch(args)
     apply_recipe(args)
     validate(args)
     return args
+
+
+DERIVED = {"recipe", "world_size"}  # in a run's config.json, recomputed rather than read
+
+
+def config_file(parser: argparse.ArgumentParser, argv) -> dict:
+    """The values of --config FILE (YAML or JSON, flag names as keys), as the parser's defaults, so
+    that flags given on the command line still win. Unknown keys are refused by name."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return {}
+    import yaml  # a dependency of transformers
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path}: cannot be read ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {name.lstrip("-"): a for a in parser._actions if a.dest not in ("help", "config")
+               for name in a.option_strings if not name.startswith("--no-")}  # aliases too (model_name_or_path)
+    given, values = values, {}
+    for key in given.keys() - DERIVED:
+        if key not in actions:
+            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. learning_rate)")
+        action, value = actions[key], given[key]
+        key = action.dest
+        if action.nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]  # learning_rate: 5e-7, one value for every iteration
+        convert = action.type or (lambda v: v)
+        try:  # strings as the command line would give them ("5e-7" is a string in YAML)
+            values[key] = [convert(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else \
+                convert(value) if isinstance(value, str) else value
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"--config {path}: {key}: {e}") from None
+        if action.choices and values[key] not in action.choices:
+            raise UsageError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, got {value!r}")
+    return values
 
 
 def apply_recipe(args) -> None:

@@ -311,7 +311,7 @@ def main(argv=None) -> None:
     if args.world_size > 1 and not args.deepspeed:
         raise UsageError(f"{args.world_size} processes were launched without --deepspeed; pass "
                          f"--deepspeed configs/ds_zero3.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank", "plot")}
+    config = {k: v for k, v in vars(args).items() if k not in ("rank", "local_rank", "plot", "config")}
     run = checkpoint.RunDir(args, config)  # refuses a foreign directory, another process, other settings
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -53,6 +53,9 @@ def files(tmp_path, small_sft_model):
     (no_header / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}")
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "typo.yaml").write_text("beta: 0.1\nlerning_rate: 1e-6\n")
+    (tmp_path / "list.yaml").write_text("- beta\n- 0.1\n")
+    (tmp_path / "bad-value.yaml").write_text("loss_type: ipo\n")
     (tmp_path / "garbage.gguf").write_bytes(b"not a GGUF file")
     unsupported = gguf.GGUFWriter(str(tmp_path / "unsupported.gguf"), arch="xyzzy")  # a real GGUF file
     unsupported.add_block_count(1)
@@ -83,7 +86,11 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "--top_p 1.5": (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     "--max_samples 0": (["--max_samples", "0"], "--max_samples must be at least 1"),
     "unknown flag": (["--learning-rate", "1e-5"], "unrecognized arguments: --learning-rate"),
-    "unknown loss": (["--loss_type", "sigmoid"], "argument --loss_type: invalid choice"),
+    "unknown loss": (["--loss_type", "ipo"], "argument --loss_type: invalid choice"),
+    "--config with an unknown key": (["--config", "{dir}/typo.yaml"], "--config {dir}/typo.yaml: unknown key 'lerning_rate'"),
+    "--config that is not a mapping": (["--config", "{dir}/list.yaml"], "expected a mapping of flag names to values"),
+    "--config with a bad value": (["--config", "{dir}/bad-value.yaml"], "loss_type must be one of logistic, sigmoid, hinge"),
+    "missing --config": (["--config", "{dir}/nope.yaml"], "--config {dir}/nope.yaml: cannot be read"),
     "model without dataset": (["--model", "{no_weights}", "--dataset", None], "--dataset is required with --model"),
     "model without weights": (["--model", "{no_weights}"], "is not a model directory with safetensors weights"),
     "tokenizer without chat template": (["--model", "{no_template}"], "its tokenizer has no chat template"),

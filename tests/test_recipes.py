@@ -113,3 +113,19 @@ def test_the_hub_probe_goes_through_the_proxy_that_huggingface_hub_uses(monkeypa
     finally:
         server.shutdown()
         huggingface_hub.close_session()
+
+
+def test_hugging_face_names_and_a_config_file_resolve_to_one_canonical_configuration(monkeypatch, tmp_path):
+    """TRL / alignment-handbook names on the command line and in a YAML config; explicit flags win."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = tmp_path / "spin.yaml"
+    config.write_text("model_name_or_path: zephyr-7b-sft-full\ndataset_name: mine.jsonl\ndataset_train_split: train\n"
+                      "loss_type: sigmoid\nlearning_rate: 1e-6\nbeta: 0.5\nbf16: false\n")
+    args = spin.parse_args(["--config", str(config), "--beta", "0.2"])
+    assert (args.model, args.dataset, args.dataset_split, args.loss_type) == \
+        ("alignment-handbook/zephyr-7b-sft-full", "mine.jsonl", "train", "logistic")  # the recipe still applies
+    assert (args.learning_rate, args.beta, args.bf16, args.num_train_epochs) == ([1e-6], 0.2, False, 2)
+    same = spin.parse_args(["--model_name_or_path", "zephyr-7b-sft-full", "--dataset_name", "mine.jsonl",
+                            "--dataset_train_split", "train", "--loss_type", "sigmoid", "--learning_rate", "1e-6",
+                            "--beta", "0.2", "--no-bf16"])
+    assert vars(same) == {**vars(args), "config": None}

@@ -24,6 +24,14 @@ def two_iterations(small_sft_model, tmp_path_factory):
     return run
 
 
+def test_a_runs_config_json_is_a_config_file_that_repeats_the_run(two_iterations, capsys):
+    recorded = json.loads((two_iterations / "config.json").read_text())
+    args = spin.parse_args(["--config", str(two_iterations / "config.json")])
+    assert {k: v for k, v in vars(args).items() if k in recorded} == recorded
+    spin.main(["--config", str(two_iterations / "config.json")])  # the same run: found complete, nothing redone
+    assert "iterations 0..1 are complete" in capsys.readouterr().out
+
+
 def test_each_iteration_saves_a_model_that_from_pretrained_loads(two_iterations, small_sft_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
