@@ -94,9 +94,14 @@ class Tracker:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
+    # The same numbers under the names the official SPIN code and TRL log, for dashboards built on them.
+    ALSO_AS = {"real_reward": "rewards/real", "generated_reward": "rewards/generated", "margin": "rewards/margins",
+               "reward_accuracy": "rewards/accuracies"}
+
     def log_step(self, record: dict) -> None:
         keys = ("loss", "real_reward", "generated_reward", "margin", "reward_accuracy", "learning_rate", "grad_norm")
-        self.scalars({f"train/{k}": record[k] for k in keys}, self.offset(record["iteration"]) + record["step"] + 1)
+        self.scalars({f"train/{k}": record[k] for k in keys} | {name: record[k] for k, name in self.ALSO_AS.items()},
+                     self.offset(record["iteration"]) + record["step"] + 1)
 
     def log_eval(self, row: dict, s: int) -> None:
         [values] = evaluation_rows([row])

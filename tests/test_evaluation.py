@@ -173,6 +173,9 @@ def test_tensorboard_event_files_hold_every_step_and_every_evaluation(run):
     assert [e.step for e in loss] == list(range(1, len(steps) + 1))  # optimizer steps done
     assert [e.value for e in loss] == pytest.approx([m["loss"] for m in steps], rel=1e-6)  # stored as float32
     assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([m["learning_rate"] for m in steps])
+    for ours, theirs in (("margin", "rewards/margins"), ("real_reward", "rewards/real"),
+                         ("generated_reward", "rewards/generated"), ("reward_accuracy", "rewards/accuracies")):
+        assert [e.value for e in events.Scalars(theirs)] == pytest.approx([m[ours] for m in steps], rel=1e-6)
     assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == \
         [(7, pytest.approx(rows[1]["eval_loss"], rel=1e-6)), (len(steps), pytest.approx(rows[2]["eval_loss"], rel=1e-6))]
     assert [e.step for e in events.Scalars("eval/tv_distance")] == [0, 7, len(steps)]
