@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dataset", "--dataset_name", help="'toy', 'chitchat', a local .jsonl/.json/.parquet file, or a "
                    "hub data set name")
     g.add_argument("--dataset_split", "--dataset_train_split", help="split of a hub data set (default: train)")
+    g.add_argument("--dataset_config", help="configuration (subset) of a hub data set, as load_dataset's second argument")
     g.add_argument("--gguf_file", help="a GGUF file in the --model directory or hub repository (dequantized once)")
     g.add_argument("--model_revision", help="hub commit, branch or tag of --model (zephyr recipe: the paper's)")
     g.add_argument("--dataset_revision", help="hub commit, branch or tag of --dataset and a same-named --eval_dataset")

@@ -4,9 +4,11 @@ SPIN (Algorithm 1 of arXiv 2401.01335v3) needs no data beyond the SFT set: each 
 prompt x and the human ("real") response y. Sources:
   - a Hugging Face Hub data set by name (UltraChat 200k's `messages` schema), e.g.
     `HuggingFaceH4/ultrachat_200k` with `--dataset_split train_sft`;
-  - a local .jsonl / .json / .parquet file with a `messages` column, the official SPIN `real`
-    column (a user and an assistant message; `generated` is ignored: we sample our own), or plain
-    `prompt` / `response` columns;
+  - a local .jsonl / .json / .parquet file, or a directory of them as `datasets.load_dataset(DIR)`
+    reads it (a downloaded `UCLA-AGI/SPIN_iter0`, split files like train-*.parquet), with a
+    `messages` column, the official SPIN `real` column (a user and an assistant message;
+    `generated` is ignored: we sample our own), or plain `prompt` / `response` columns;
+  - `chitchat`: real human conversations that the chitchat-dataset package ships;
   - `toy`: the embedded toy data set (toy.load_rows resolves the name; this module knows no toy).
 
 Every row becomes {"id", "messages" (the prompt conversation), "response" (a string)}.
@@ -33,16 +35,18 @@ class DataError(ValueError):
 
 
 def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
-              revision: str | None = None) -> list[dict]:
-    """Rows in the common schema from "chitchat", a local file or the Hub (at `revision`); errors
-    name `flag`."""
+              revision: str | None = None, config: str | None = None) -> list[dict]:
+    """Rows in the common schema from "chitchat", a local file or directory, or the Hub (its
+    configuration `config`, at `revision`); errors name `flag`."""
     path = Path(source)
     if source == CHITCHAT:
         table = chitchat_records(split, flag)
+    elif path.is_dir():
+        table = _read_hub(str(path), split, flag, None, config)  # datasets reads a directory as it reads a repository
     elif path.exists():
         table = _read_local(path)
     else:
-        table = _read_hub(source, split, flag, revision)
+        table = _read_hub(source, split, flag, revision, config)
     try:
         rows = [_normalize(i, record, turn) for i, record in enumerate(table)]
     except DataError as e:
@@ -105,12 +109,15 @@ def _read_local(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(name: str, split: str, flag: str, revision: str | None = None) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str, revision: str | None = None, config: str | None = None) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split, revision=revision).to_list()
+        return datasets.load_dataset(name, config, split=split, revision=revision).to_list()
     except Exception as e:  # offline, misspelled, gated: the datasets library raises many kinds
+        if Path(name).is_dir():
+            raise DataError(f"{flag} {name}: the directory could not be read as a data set, split {split!r} "
+                            f"({first_line(e)}); it needs .parquet/.jsonl/.json files") from None
         raise DataError(
             f"{flag} {name}: not a local file and could not be loaded from the Hugging Face Hub "
             f"({first_line(e)}); download it where there is network and pass the local .jsonl/.parquet path"

@@ -45,8 +45,9 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
         return rows, []
     source = args.eval_dataset or ("toy" if args.dataset == "toy" else None)
     if source:
-        held = toy.load_rows(source, args.eval_split, args.turn, "--eval_dataset",
-                             args.dataset_revision if source == args.dataset else None)
+        same = source == args.dataset  # the same data set: the same revision and configuration
+        held = toy.load_rows(source, args.eval_split, args.turn, "--eval_dataset", args.dataset_revision if same else None,
+                             args.dataset_config if same else None)
         if len(held) > args.eval_samples:
             held = [held[i] for i in sorted(random.Random(args.seed).sample(range(len(held)), args.eval_samples))]
         return rows, held

@@ -10,6 +10,7 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     dataset_split="train",
     model_revision=None,  # the hub's main branch
     dataset_revision=None,
+    dataset_config=None,
     max_samples=None,  # all prompts
     system_prompt=None,  # conversations are rendered as they are
     chat_template_kwargs=None,

@@ -367,7 +367,8 @@ def prepare(args, run: checkpoint.RunDir):
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, weights_dtype(args),
                                   args.model_revision, args.gguf_file)
-    rows = toy.load_rows(args.dataset, args.dataset_split, args.turn, revision=args.dataset_revision)  # "toy": here, once
+    rows = toy.load_rows(args.dataset, args.dataset_split, args.turn, "--dataset", args.dataset_revision,
+                         args.dataset_config)  # "toy" is resolved here, once
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
     if args.max_samples and args.max_samples < len(rows):
         rows = [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.max_samples))]

@@ -70,9 +70,9 @@ def build_tokenizer():
 
 
 def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
-              revision: str | None = None) -> list[dict]:
+              revision: str | None = None, config: str | None = None) -> list[dict]:
     """data.load_rows, where the name "toy" means this module's data set."""
-    return make_rows(split) if source == "toy" else data.load_rows(source, split, turn, flag, revision)
+    return make_rows(split) if source == "toy" else data.load_rows(source, split, turn, flag, revision, config)
 
 
 def p_data(prompt: str) -> dict[str, float]:

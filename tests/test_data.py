@@ -111,3 +111,24 @@ def test_toy_rows_follow_p_data():
     short = sum(r["response"] == str(sum(map(int, r["messages"][0]["content"].split("+")))) for r in rows)
     assert 0.45 < short / len(rows) < 0.55  # the form "s" has probability 0.5 (binomial sd 0.011)
     assert toy.p_data("3+3") == {"6": 0.5, "3+3=6": 0.5}  # forms that coincide add up
+
+
+def test_a_directory_of_shards_in_the_official_spin_layout_loads_as_load_dataset_reads_it(tmp_path):
+    """A downloaded UCLA-AGI/SPIN_iter0: split files of rows with `real` and `generated` conversations."""
+    import datasets
+
+    def row(i):
+        user = {"role": "user", "content": f"question {i}"}
+        return {"real": [user, {"role": "assistant", "content": f"human answer {i}"}],
+                "generated": [user, {"role": "assistant", "content": f"model answer {i}"}]}
+
+    for shard in range(2):
+        datasets.Dataset.from_list([row(shard * 3 + i) for i in range(3)]).to_parquet(
+            str(tmp_path / f"train-0000{shard}-of-00002.parquet"))
+    datasets.Dataset.from_list([row(9)]).to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
+    rows = data.load_rows(str(tmp_path))
+    assert [r["response"] for r in rows] == [f"human answer {i}" for i in range(6)]  # both shards, in order
+    assert rows[0]["messages"] == [{"role": "user", "content": "question 0"}]
+    assert [r["response"] for r in data.load_rows(str(tmp_path), split="test")] == ["human answer 9"]
+    with pytest.raises(data.DataError, match="could not be read as a data set, split 'validation'"):
+        data.load_rows(str(tmp_path), split="validation")

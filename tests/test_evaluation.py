@@ -81,7 +81,7 @@ def test_heldout_rows_are_taken_out_of_the_training_data():
     assert held == evaluation.heldout_rows(rows, args)[1]  # a function of --seed
     assert evaluation.heldout_rows(rows, Namespace(**{**vars(args), "eval_samples": 0})) == (rows, [])
     toy_args = Namespace(eval_samples=50, eval_dataset=None, dataset="toy", eval_split="test", turn="first", seed=1,
-                         dataset_revision=None)
+                         dataset_revision=None, dataset_config=None)
     train, held = evaluation.heldout_rows(rows, toy_args)
     assert train is rows and len(held) == 50
     assert {r["messages"][0]["content"] for r in held} <= {r["messages"][0]["content"] for r in toy.make_rows("test")}
