@@ -14,7 +14,9 @@ import evaluation
 import generate
 import plot
 import spin
+import report
 import toy
+from huggingface_hub import ModelCard
 from conftest import read_jsonl, toy_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,10 +183,26 @@ def test_tensorboard_event_files_hold_every_step_and_every_evaluation(run):
     assert [e.step for e in events.Scalars("eval/tv_distance")] == [0, 7, len(steps)]
 
 
+def test_a_model_card_names_the_model_it_was_trained_from_when_the_hub_can():
+    """Iteration 0 of the recipe: base_model is the SFT model θ_0; a later iteration's θ_t is a local
+    directory (iter{t-1}/model), which Hub metadata cannot name, so its card says it in the text."""
+    config = {"model": "alignment-handbook/zephyr-7b-sft-full", "dataset": "HuggingFaceH4/ultrachat_200k", "iters": 4,
+              "beta": 0.1, "loss_type": "logistic", "num_train_epochs": 2, "per_device_train_batch_size": 8,
+              "gradient_accumulation_steps": 1, "world_size": 8, "max_length": 1024, "max_prompt_length": 512,
+              "max_new_tokens": 256, "seed": 42}
+    row = {"pairs": 50000, "learning_rate": 5e-7, "loss": 0.5, "first_loss": 0.6931, "margin": 1.0, "reward_accuracy": 0.9}
+    first, later = (ModelCard(report.model_card(config, {**row, "iteration": t}, {"iteration": "start"})) for t in (0, 1))
+    assert first.data.base_model == "alignment-handbook/zephyr-7b-sft-full"
+    assert first.data.datasets == later.data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert later.data.base_model is None and "The opponent of this iteration was iter0/model" in later.text
+
+
 def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
     row = read_jsonl(run / "iterations.jsonl")[1]
     card = (run / "iter1" / "model" / "README.md").read_text()
-    assert card.startswith("---\n") and "tags: [spin, self-play-fine-tuning]" in card
+    data = ModelCard(card).data  # huggingface_hub's reading of the metadata block
+    assert data.tags == ["spin", "self-play-fine-tuning"] and data.library_name == "transformers"
+    assert data.base_model is None and data.datasets is None  # a local start and the toy: nothing the Hub can name
     assert "# SPIN iteration 1: θ_2" in card and "The opponent of this iteration was iter0/model" in card
     for line in ["| training pairs | 400 |", "| λ (--beta) | 1.0 |", "| learning rate | 0.0001 |", "| epochs | 1 |",
                  f"| eval_loss |  | {row['eval_loss']:.4f} |", "| tv_distance | ", f"{row['tv_distance']:.4f} |"]:
