@@ -188,7 +188,8 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
             saved_step = step + 1
         signal_name = preemption.agreed(args)  # every rank stops after the same step
         if signal_name:
-            trainer.save_state(state, scheduler, step + 1)
+            if saved_step != step + 1:  # not saved a moment ago by --save_steps
+                trainer.save_state(state, scheduler, step + 1)
             raise preemption.Stopped(f"stopped by {signal_name} in iteration {iteration} after step {step + 1} of "
                                      f"{total_steps}; the training state is saved in {state}; run the same "
                                      f"command to resume")
