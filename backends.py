@@ -75,7 +75,7 @@ class Zero3:
 
         self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
         self.policy.checkpoint_engine = safe_checkpoint_engine()
-        self.rank, self.args = args.rank, args
+        self.args = args
 
     def backward(self, loss, last: bool) -> None:
         self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
@@ -106,10 +106,7 @@ class Zero3:
     def load_state(self, path: Path, scheduler) -> int:
         """Each rank reads its own partition's files (never another rank's), unpickling no code."""
         saved = checkpoint.saved_state(path)
-        if len(set(distributed.all_gather(self.args, [saved is not None]))) > 1:
-            raise checkpoint.RunDirError(f"{path}: the training state is on some nodes' disks and not on others'; "
-                                         f"give every node the same copy of --output_dir, or one shared directory")
-        if saved is None:
+        if not checkpoint.agreed(self.args, path.parent.parent, f"has a training state in {path}", saved is not None):
             return 0
         _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
         scheduler.load_state_dict(client["scheduler"])

@@ -230,6 +230,17 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> int:
     return state["step"]
 
 
+def agreed(args, run: Path, what: str, value):
+    """`value` when every rank found the same in its run directory (nodes with copies of their own
+    must hold the same copy); else the run is refused, naming what differs. A collective."""
+    seen = distributed.all_gather(args, [value])
+    if len(set(seen)) > 1:
+        raise RunDirError(f"--output_dir {run}: the nodes' copies differ in whether the run {what} "
+                          f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
+                          f"the same copy, or one shared directory")
+    return value
+
+
 class RunDir:
     """--output_dir as the state of one run: taken for this process (lock), checked against the
     configuration, and asked what is already done. Every write is rank 0's; the others wait.
@@ -251,7 +262,7 @@ class RunDir:
         if found and self.writer:
             lock(self.path)  # one run per directory, before reading its state
         self.new = not found
-        self.resuming = self._agreed("resumes", "config.json" in found and not args.overwrite_output_dir)
+        self.resuming = agreed(args, self.path, "resumes", "config.json" in found and not args.overwrite_output_dir)
         if self.resuming:
             check_config(self.path, config)
         elif found and "config.json" not in found and args.rank == 0:
@@ -283,23 +294,13 @@ class RunDir:
             if self.writer:
                 clean(self.path / f"iter{t}")
             t += 1
-        return self._agreed("has complete iterations, and how many", t)
+        return agreed(self.args, self.path, "has complete iterations, and how many", t)
 
     def iteration(self, t: int) -> Path:
         if self.writer:
             (self.path / f"iter{t}").mkdir(exist_ok=True)
         self._wait()
         return self.path / f"iter{t}"
-
-    def _agreed(self, what: str, value):
-        """`value` when every rank found the same in its directory (nodes with copies of their own
-        must hold the same copy); else the run is refused, naming what differs."""
-        seen = distributed.all_gather(self.args, [value])
-        if len(set(seen)) > 1:
-            raise RunDirError(f"--output_dir {self.path}: the nodes' copies differ in whether the run {what} "
-                              f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
-                              f"the same copy, or one shared directory")
-        return value
 
     def _wait(self) -> None:  # the other ranks wait for rank 0's writes
         if self.args.world_size > 1:

@@ -21,6 +21,7 @@ through its stop id. So real and generated replies differ only in what the model
 Prompts are cut from the left (the end, with the assistant header, is what the reply follows);
 replies are cut to fit max_length, and a reply that was cut is trained without its end-of-turn.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,24 +65,28 @@ def chitchat_records(split: str | None, flag: str = "--dataset") -> list[dict]:
     between people): a person's first turn and the other person's reply, each turn the sender's
     consecutive messages joined by newlines, kept when the reply has 2 to 30 words. Splits: "test"
     is every 10th kept chat in key order, "train" the others, None all of them."""
-    import importlib.resources
-
     if split not in (None, "train", "test"):
         raise DataError(f"{flag} {CHITCHAT}: no split {split!r} (train, test)")
     try:
-        text = (importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8")
+        pairs = _chitchat_pairs()
     except ModuleNotFoundError:
         raise DataError(f"{flag} {CHITCHAT} needs the chitchat-dataset package: pip install -r requirements-real.txt") from None
-    chats = json.loads(text)
-    records = []
+    return [{"messages": [{"role": "user", "content": first}, {"role": "assistant", "content": reply}]}
+            for i, (first, reply) in enumerate(pairs) if split is None or (i % 10 == 9) == (split == "test")]
+
+
+@functools.lru_cache(maxsize=1)
+def _chitchat_pairs() -> tuple[tuple[str, str], ...]:
+    """(first turn, reply) of every kept chat, in key order: the package's 39 MB file, parsed once."""
+    import importlib.resources
+
+    chats = json.loads((importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8"))
+    pairs = []
     for key in sorted(chats):
         turns = ["\n".join(m["text"].strip() for m in group) for group in chats[key]["messages"][:2]]
         if len(turns) == 2 and all(turns) and 2 <= len(turns[1].split()) <= 30:
-            records.append({"messages": [{"role": "user", "content": turns[0]},
-                                         {"role": "assistant", "content": turns[1]}]})
-    if split is None:
-        return records
-    return [r for i, r in enumerate(records) if (i % 10 == 9) == (split == "test")]
+            pairs.append((turns[0], turns[1]))
+    return tuple(pairs)
 
 
 def _read_local(path: Path) -> list[dict]:

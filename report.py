@@ -13,6 +13,7 @@ import distributed
 from distributed import print0
 import evaluation
 import generate as gen
+import models
 import plot
 
 TRAINING = ["loss", "margin", "reward_accuracy"]  # mean of the iteration's last 10 optimizer steps
@@ -117,11 +118,6 @@ def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def hub_name(name: str) -> bool:
-    """Whether a --model / --dataset value names a Hub repository (not a path, the toy, chitchat, pypi:)."""
-    return not Path(name).exists() and name not in ("toy", "chitchat") and ":" not in name
-
-
 def model_card(config: dict, row: dict, start: dict) -> str:
     """README.md of iter{t}/model: how θ_{t+1} was made and what it measured."""
     from huggingface_hub import ModelCardData
@@ -133,8 +129,8 @@ def model_card(config: dict, row: dict, start: dict) -> str:
     # base_model is the model this one was trained from, θ_t: the start for iteration 0; for later
     # iterations iter{t-1}/model, a local directory, which the Hub metadata cannot name.
     data = ModelCardData(library_name="transformers", tags=["spin", "self-play-fine-tuning"],
-                         base_model=base if t == 0 and hub_name(base) else None,
-                         datasets=[config["dataset"]] if hub_name(config["dataset"]) else None)
+                         base_model=base if t == 0 and models.hub_name(base) else None,
+                         datasets=[config["dataset"]] if models.hub_name(config["dataset"]) else None)
     lines = [
         "---",
         data.to_yaml(),
