@@ -14,15 +14,13 @@ which the choice never sees. Writes <out>/results.json, <out>/results.md and <ou
 """
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
@@ -30,7 +28,7 @@ import evaluation  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
-from logps import from_logits as sequence_logps  # noqa: E402
+from continued_sft import ContinuedSFT  # noqa: E402
 
 SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
 SFT_GRID = [3e-5, 1e-4, 3e-4]
@@ -61,30 +59,12 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
     """Continued SFT from the same start on the same prompts and human answers, with the same
     optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
     tokenizer, model = models.load_model(str(start))
-    rows = toy.make_rows("train")
-    sequences = [data.build_sequence(data.ChatFormat(tokenizer).prompt_ids(r["messages"]),
-                                     data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]), 32, 48) for r in rows]
-    generator = torch.Generator().manual_seed(seed)
+    chat = data.ChatFormat(tokenizer)
+    sequences = [data.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in toy.make_rows("train")]
+    sft = ContinuedSFT(model, sequences, BATCH, seed)
     results = []
     for total in steps:
-        model.train()
-        optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
-        warmup = math.ceil(0.1 * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup
-                                                      else max(0.0, (total - s) / max(1, total - warmup)))
-        order = []
-        for _ in range(total):
-            if len(order) < BATCH:
-                order += torch.randperm(len(sequences), generator=generator).tolist()
-            batch = data.collate([sequences[i] for i in order[:BATCH]], tokenizer.pad_token_id)
-            order = order[BATCH:]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = -sequence_logps(logits, batch["labels"]).sum() / (batch["labels"][:, 1:] != -100).sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        sft.run(total, lr)
         results.append(evaluation.toy_metrics(model, tokenizer, split) | {"steps": total})
     return results
 

@@ -43,3 +43,15 @@ def tiny_mistral(tokenizer, seed=0, hidden=32, layers=2):
 def small_sft_model(tmp_path_factory):
     """A weak toy SFT model (60 steps, a few seconds), cached for the session."""
     return toy.sft_model_path(str(tmp_path_factory.mktemp("cache")), sft_steps=60, num_prompts=300)
+
+
+@pytest.fixture(scope="session")
+def real_evidence_fast(tmp_path_factory):
+    """experiments/real_evidence.py --fast, once: its seed0-spin directory is also the suite's end-to-end
+    SPIN run of a real chat model (tests/test_chat_models.py), its checks in tests/test_real_evidence.py."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import real_evidence
+
+    out = tmp_path_factory.mktemp("real-evidence")
+    real_evidence.main(["--fast", "--out", str(out)])
+    return out

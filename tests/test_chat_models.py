@@ -111,15 +111,11 @@ def test_spin_trains_on_the_tokens_the_chat_template_writes(family, conversation
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(smollm2, tmp_path_factory):
-    """The smollm2-135m recipe, small: a real chat model (the packaged GGUF) on real human conversations
-    (the chitchat package's), 2 iterations, 8 prompts, 4 held-out prompts from the test split."""
-    run = tmp_path_factory.mktemp("smollm2") / "run"
-    code = spin.cli(["--model", "smollm2-135m", "--max_samples", "8", "--eval_samples", "4", "--iters", "2",
-                     "--num_train_epochs", "1", "--max_new_tokens", "24", "--generation_batch_size", "8",
-                     "--output_dir", str(run), "--quiet"])
-    assert code == 0
-    return run
+def smollm2_run(real_evidence_fast):
+    """SPIN on a real chat model (SmolLM2-135M-Instruct from the packaged GGUF, after a short SFT on
+    chitchat's human replies) and real human conversations: the SPIN run of real_evidence.py --fast,
+    2 iterations on 4 prompts, 4 held-out prompts from chitchat's test split."""
+    return real_evidence_fast / "seed0-spin"
 
 
 def test_a_real_chat_model_starts_every_iteration_at_log2(smollm2_run):
@@ -142,15 +138,17 @@ def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run, sm
     ended = [p for p in pairs if p["ended"]]
     assert ended and all(p["generated_ids"][-1] == im_end for p in ended)
     assert all(im_end not in p["generated_ids"][:-1] for p in pairs)
-    assert all(len(p["generated_ids"]) == 24 for p in pairs if not p["ended"])
+    limit = json.loads((smollm2_run / "config.json").read_text())["max_new_tokens"]
+    assert all(len(p["generated_ids"]) == limit for p in pairs if not p["ended"])
 
 
-def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run, smollm2):
+def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run):
     from transformers import AutoModelForCausalLM
 
     pairs = read_jsonl(smollm2_run / "iter0" / "synthetic.jsonl")
     stored = {s["id"]: s for s in read_jsonl(smollm2_run / "iter0" / "opponent_logps.jsonl")}
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).eval()
+    start = json.loads((smollm2_run / "config.json").read_text())["model"]  # θ_0: the SFT start, saved as safetensors
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float64).eval()
     for p in pairs[:3]:
         for key, name in (("real_ids", "opponent_real_logp"), ("generated_ids", "opponent_generated_logp")):
             ids = torch.tensor([p["prompt_ids"] + p[key]])  # one sequence, no padding
