@@ -27,7 +27,8 @@ import distributed
 # Settings that do not change what a run computes: a re-run may differ in these and still resume.
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
-               "attn_implementation", "rank", "local_rank"}
+               "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
+               "hub_model_id", "hub_private_repo"}
 
 
 class RunDirError(ValueError):

@@ -15,6 +15,8 @@ import torch
 import distributed
 from recipes import DEFAULTS, RECIPES
 
+TRACKERS = ("tensorboard", "wandb", "trackio")  # --report_to: report.Tracker writes to each
+
 
 class UsageError(ValueError):
     """A bad flag or model: shown as one line, exit status 2."""
@@ -68,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ℓ in Eq. 4.7 (sigmoid: TRL's name for logistic)")
     g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
                    help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
+    g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                   help="each optimizer step takes pairs of similar length (less padding; spin.grouped_by_length)")
     g = p.add_argument_group("generation (the opponent's samples)")
     g.add_argument("--max_new_tokens", type=int)
     g.add_argument("--temperature", type=float)
@@ -101,17 +105,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lm-evaluation-harness tasks run on every model, comma-separated (pip install lm_eval)")
     g.add_argument("--eval_limit", type=int, help="at most this many examples per --eval_tasks task")
     g.add_argument("--eval_include_path", help="a directory of lm-eval task YAML files (evals/ is always included)")
-    g.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
-                   help="tensorboard: event files in <output_dir>/tensorboard (pip install tensorboard)")
+    g.add_argument("--report_to", nargs="+", choices=["none", "all", *TRACKERS], default=["none"],
+                   help="also log every step's and evaluation's numbers to these, on one step axis (report.py): "
+                   "tensorboard (<output_dir>/tensorboard), wandb (WANDB_MODE=offline: files in <output_dir>/wandb), "
+                   "trackio (a local database in TRACKIO_DIR); several at once, or all")
+    g.add_argument("--push_to_hub", action="store_true", help="upload every iteration's model, card and the run's "
+                   "plot to --hub_model_id when the iteration completes (hub.py); checked before any work")
+    g.add_argument("--hub_model_id", help="the Hub repository for --push_to_hub (default: the --output_dir name)")
+    g.add_argument("--hub_private_repo", action="store_true", help="create the --hub_model_id repository private")
     g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(**config_file(p, argv))
     args = p.parse_args(argv)
     args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name in config.json
+    args.report_to = trackers(args.report_to)
     from_accelerate_launch(args)
     apply_recipe(args)
     validate(args)
     return args
+
+
+def trackers(names) -> list[str]:
+    """--report_to as config.json keeps it: the trackers, in TRACKERS' order ("none" alone: [])."""
+    names = [names] if isinstance(names, str) else list(names)  # a config file may give one name
+    unknown = [n for n in names if n not in ("none", "all", *TRACKERS)]
+    if unknown:
+        raise UsageError(f"--report_to: unknown tracker {unknown[0]!r} (choose from {', '.join(TRACKERS)}, all, none)")
+    return [t for t in TRACKERS if t in names or "all" in names]
 
 
 DERIVED = {"recipe", "world_size"}  # in a run's config.json, recomputed rather than read
@@ -230,7 +250,7 @@ def validate(args) -> None:
     import importlib.util
 
     for flag, given, package in (("--eval_tasks", args.eval_tasks, "lm_eval"),
-                                 ("--report_to tensorboard", args.report_to == "tensorboard", "tensorboard")):
+                                 *((f"--report_to {t}", t in args.report_to, t) for t in TRACKERS)):
         if given and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package: pip install -r requirements-eval.txt")
     if args.attn_implementation == "flash_attention_2":

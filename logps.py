@@ -1,20 +1,28 @@
-"""log p(y|x) of a causal LM on a collated batch, with logits computed at response positions only.
+"""log p(y|x) of a causal LM on a collated batch, without the (B, T, V) logits a forward makes.
 
 A model's forward computes (B, T, V) logits: every position, every vocabulary entry. SPIN needs
-them only where a response token is predicted (loss.sequence_logps drops the rest). Here the
-language-model head is given only those positions' hidden states, through a forward pre-hook on
-the model's output embedding, so prompt and padding positions never get logits at all:
+only log p(target) where a response token is predicted (loss.sequence_logps drops the rest). Here
+the language-model head is given only those positions' hidden states, through a forward pre-hook
+on the model's output embedding, so prompt and padding positions never get logits at all:
 
-    hidden (B, T, H)  --select N response positions-->  (1, N, H)  --lm_head-->  (1, N, V)
+    hidden (B, T, H)  --select N response positions-->  (1, N, H)  --lm_head-->  ...
 
-The model's own forward still runs the head (so DeepSpeed ZeRO-3 gathers its weights as usual, and
-whatever a model does after the head, such as Gemma's soft-capping, still happens). The values are
-those of the full forward; only the work and memory of the other positions are gone.
+and then, on models whose head is a plain linear layer whose logits the model returns untouched
+(FUSED_HEAD_MODELS), the head itself computes log p(target) a chunk of positions at a time
+(FusedTokenLogps): a chunk's logits are made from the hidden states in float32, reduced to
+logsumexp and the target's logit, and dropped; backward makes them again, chunk by chunk. No
+(N, V) tensor exists at any moment. Models that change the logits after the head (Gemma-2's
+soft-capping, Cohere's logit_scale, ...) take the other path: the head computes the (N, V) logits
+and TokenLogps reduces them in chunks, with its own backward.
 
-The log-softmax of those N rows (TokenLogps) is chunked and has its own backward, so that not even
-a float32 copy of the (N, V) logits is kept for backward. Every function here gives the numbers of
-loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py).
+Either way the model's own forward calls the head module, so DeepSpeed ZeRO-3 gathers the head's
+weight for forward and again for backward, as for any layer, and the gradient reaches its partition
+through autograd as nn.Linear's does. Every function here gives the numbers of
+loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py, tests/test_zero3.py).
+SPIN_FUSED_HEAD=0 turns the fused path off (benchmarks, comparisons).
 """
+import os
+
 import torch
 
 import data
@@ -49,25 +57,50 @@ def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch
     return out
 
 
+# Model types whose forward returns the head's logits as they are (transformers 5.24's modeling files:
+# nothing between `logits = self.lm_head(hidden_states)` and the return but the optional loss).
+FUSED_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
+                     "olmo2", "smollm3"}
+
+
+def fused_head(model) -> bool:
+    """Whether batch_logps computes log p(target) inside the head (FusedTokenLogps) for this model."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(config, "model_type", None) in FUSED_HEAD_MODELS
+
+
 def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     """(B,) log p(y|x) for a batch from data.collate (input_ids, attention_mask, labels)."""
     labels = batch["labels"]  # (B, T)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is a response token
     positions = torch.nn.functional.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
+    targets = labels[:, 1:][mask]  # (N,)
     head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
+    fused = fused_head(model)
 
     def only_response_positions(module, inputs):
         hidden = inputs[0]  # (B, T, H)
         return (hidden[positions].unsqueeze(0),) + inputs[1:]  # (1, N, H)
 
+    def log_p_target(hidden):  # the head's forward, for this call: (1, N, H) -> (1, N, 1)
+        return FusedTokenLogps.apply(hidden[0], head.weight, head.bias, targets, head)[None, :, None]
+
     handle = head.register_forward_pre_hook(only_response_positions)
+    if fused:
+        head.forward = log_p_target  # an instance attribute: the module's hooks (ZeRO-3's) still run around it
     try:
         with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (1, N, V)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     finally:
         handle.remove()
+        if fused:
+            del head.forward
+    if fused:
+        token_logps = out[0, :, 0].float()  # (N,)
+        per_position = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)  # (B, T-1)
+        return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,)
     # The logits are this function's own: backward may write their gradient over them.
-    return response_logps(logits[0], labels[:, 1:][mask], mask, overwrite=True)  # (B,)
+    return response_logps(out[0], targets, mask, overwrite=True)  # (1, N, V) -> (B,)
 
 
 def from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -129,3 +162,58 @@ class TokenLogps(torch.autograd.Function):
             chunk.scatter_add_(1, targets[start:end, None], g)  # + g at the target
             grad_logits[start:end] = chunk  # rows [start, end) of the logits are no longer read
         return grad_logits, None, None
+
+
+class FusedTokenLogps(torch.autograd.Function):
+    """log p(target) for N hidden states (N, H) through a linear head (weight (V, H), bias (V,) or
+    None), CHUNK_BYTES of float32 logits at a time: the head and the log-softmax fused, so that the
+    (N, V) logits never exist. Forward keeps the hidden states and logsumexp (N,); backward makes
+    each chunk's logits again and gives, with d = g·(onehot(target) − softmax) (rows, V):
+
+        dL/dhidden = d @ W        dL/dW = dᵀ @ hidden        dL/dbias = Σ_rows d
+
+    The weight is read from the head module when backward runs, not saved by forward: under
+    DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls
+    run in the hidden states' dtype (bf16 under autocast, like nn.Linear's), the softmax in float32."""
+
+    CHUNK_BYTES = 64 * 2**20  # float32 logits alive at once
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, head):
+        rows = max(1, FusedTokenLogps.CHUNK_BYTES // (4 * weight.shape[0]))
+        w = weight.to(hidden.dtype)
+        b = bias.to(hidden.dtype) if bias is not None else None
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        token_logps = torch.empty_like(lse)  # (N,)
+        for start in range(0, hidden.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[start:start + rows], w, b).float()  # (rows, V)
+            lse[start:start + rows] = logits.logsumexp(dim=-1)
+            token_logps[start:start + rows] = logits.gather(1, targets[start:start + rows, None]).squeeze(1) \
+                - lse[start:start + rows]
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.head, ctx.rows = head, rows
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (N,)
+        hidden, targets, lse = ctx.saved_tensors
+        weight, bias = ctx.head.weight, ctx.head.bias  # gathered now, under ZeRO-3
+        w = weight.to(hidden.dtype)
+        b = bias.to(hidden.dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden)  # (N, H)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) \
+            if ctx.needs_input_grad[1] else None  # (V, H)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
+        for start in range(0, hidden.shape[0], ctx.rows):
+            end = start + ctx.rows
+            g = grad[start:end, None].float()  # (rows, 1)
+            d = (torch.nn.functional.linear(hidden[start:end], w, b).float() - lse[start:end, None]).exp_().mul_(-g)
+            d.scatter_add_(1, targets[start:end, None], g)  # (rows, V): g·(onehot − softmax)
+            grad_hidden[start:end] = d.to(hidden.dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(d.t(), hidden[start:end].float())
+            if grad_bias is not None:
+                grad_bias += d.sum(dim=0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None)

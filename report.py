@@ -1,10 +1,12 @@
 """What a run shows its user: the table with one row per model (θ_0 = the start, then one per
 iteration), one prompt followed through the iterations (the slide "Difference in generation at t
-step" of the presentation this project started from), evaluation.jsonl, TensorBoard event files
-(--report_to tensorboard) and a model card in every iteration's model directory.
+step" of the presentation this project started from), evaluation.jsonl, the --report_to trackers
+(TensorBoard, wandb, trackio) and a model card in every iteration's model directory.
 """
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 
 import checkpoint
@@ -13,6 +15,7 @@ import distributed
 from distributed import print0
 import evaluation
 import generate as gen
+import hub
 import models
 import plot
 
@@ -67,15 +70,22 @@ def write_evaluation(run: Path, summary: list[dict]) -> None:
 
 
 class Tracker:
-    """TensorBoard event files in <run>/tensorboard when --report_to tensorboard; otherwise nothing.
+    """Every step's and every held-out evaluation's numbers, also sent to the --report_to trackers:
+    TensorBoard event files in <run>/tensorboard; a wandb run (project $WANDB_PROJECT, default "spin";
+    WANDB_MODE=offline keeps it in <run>/wandb); a trackio run (project $TRACKIO_PROJECT, default
+    "spin"; a local database in $TRACKIO_DIR unless trackio is pointed at a Space). The wandb and
+    trackio runs carry the run's config and an id kept in <run>/tracker_id, so a resumed run continues them.
 
     One step axis for everything: optimizer steps done since the start of the run. Training step k
     of an iteration is logged once it is done (offset + k + 1); model θ_s's held-out numbers at the
-    step that finished it (θ_0 at 0). A resumed run purges what the stopped one logged from its first
-    new event on (TensorBoard's purge_step), so a redone step is not shown twice."""
+    step that finished it (θ_0 at 0). A resumed run redoes the steps after its last saved state:
+    TensorBoard purges what the stopped run logged from there on (purge_step); wandb and trackio keep
+    both copies of those steps (wandb's charts use "global_step" as their x axis, since its own step
+    counter may only grow)."""
 
-    def __init__(self, run: Path, args):
-        self.run, self.enabled, self.writer = run, args.report_to == "tensorboard", None
+    def __init__(self, run: Path, args, config: dict | None = None):
+        self.run, self.names, self.config = run, list(args.report_to), config or {}
+        self.sinks = None  # opened at the first number, so that a run that logs nothing creates nothing
         self.steps = {}  # iteration -> its optimizer steps, read once: an earlier iteration is complete
 
     def offset(self, iteration: int) -> int:  # optimizer steps of the iterations before this one
@@ -84,16 +94,44 @@ class Tracker:
                 self.steps[i] = len(checkpoint.read_jsonl(self.run / f"iter{i}" / "metrics.jsonl"))
         return sum(self.steps[i] for i in range(iteration))
 
-    def scalars(self, values: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        if self.writer is None:
+    def open(self, step: int) -> dict:
+        sinks = {}
+        if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=step)
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+            sinks["tensorboard"] = SummaryWriter(str(self.run / "tensorboard"), purge_step=step)
+        if {"wandb", "trackio"} & set(self.names):
+            id_file = self.run / "tracker_id"
+            if not id_file.exists():
+                checkpoint.write_atomic(id_file, uuid.uuid4().hex[:12])
+            run_id, config = id_file.read_text().strip(), {k: v for k, v in self.config.items() if v is not None}
+        if "wandb" in self.names:
+            import wandb
+
+            sinks["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin"), name=self.run.name, id=run_id,
+                                        resume="allow", dir=str(self.run), config=config)
+            sinks["wandb"].define_metric("global_step")
+            sinks["wandb"].define_metric("*", step_metric="global_step")
+        if "trackio" in self.names:
+            import trackio
+
+            sinks["trackio"] = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "spin"), name=f"{self.run.name}-{run_id}",
+                                            config=config, resume="allow", embed=False)
+        return sinks
+
+    def scalars(self, values: dict, step: int) -> None:
+        if not self.names:
+            return
+        if self.sinks is None:
+            self.sinks = self.open(step)
+        if "tensorboard" in self.sinks:
+            for tag, value in values.items():
+                self.sinks["tensorboard"].add_scalar(tag, value, step)
+            self.sinks["tensorboard"].flush()
+        if "wandb" in self.sinks:
+            self.sinks["wandb"].log({**values, "global_step": step})
+        if "trackio" in self.sinks:
+            self.sinks["trackio"].log(values, step=step)
 
     # The same numbers under the names the official SPIN code and TRL log, for dashboards built on them.
     ALSO_AS = {"real_reward": "rewards/real", "generated_reward": "rewards/generated", "margin": "rewards/margins",
@@ -110,8 +148,9 @@ class Tracker:
                      self.offset(s))
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        for name, sink in (self.sinks or {}).items():
+            sink.close() if name == "tensorboard" else sink.finish()
+        self.sinks = None
 
 
 def fmt(value) -> str:
@@ -176,7 +215,7 @@ class Report:
     def __init__(self, run: Path, args, config: dict, tokenizer, run_data):
         self.run, self.args, self.config, self.tokenizer, self.data = run, args, config, tokenizer, run_data
         self.rank0 = args.rank == 0
-        self.tracker = Tracker(run, args) if self.rank0 else None
+        self.tracker = Tracker(run, args, config) if self.rank0 else None
         self.started = time.time()
         self.drawn = None  # the summary rows spin.png shows, when this process drew it
 
@@ -197,6 +236,8 @@ class Report:
             print_row(row, self.cols)
         if self.tracker and measured:  # logged once: a resumed run's first new event is a redone step
             self.tracker.log_eval(self.summary[0], 0)
+        for t in range(completed):  # --push_to_hub: iterations completed before an upload happened
+            hub.push(self.args, self.run, t)
 
     def evaluate(self, model, s: int) -> dict:
         return evaluation.evaluate(model, self.tokenizer, s, self.data.heldout, self.args, self.run, self.data.stop)
@@ -237,6 +278,7 @@ class Report:
             write_evaluation(self.run, self.summary)
             plot.draw(self.run)
             self.drawn = len(self.summary)
+            hub.push(args, self.run, t)  # --push_to_hub: the model, its card, the plot
         row = distributed.broadcast(self.args, row)  # the other ranks wait here for rank 0's evaluation
         if distributed.writer(self.args) and not self.rank0:
             checkpoint.write_atomic(self.run / f"iter{t}" / "complete.json", json.dumps(row))

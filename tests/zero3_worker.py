@@ -1,6 +1,9 @@
 """Launched by tests/test_zero3.py under `deepspeed --num_gpus 2` (DS_ACCELERATOR=cpu): trains a
 few ZeRO-3 steps with spin.train, saves with distributed.save_model, then gathers the partitioned
-parameters and compares them with the saved safetensors file. Writes the comparison as JSON."""
+parameters and compares them with the saved safetensors file. Then one backward of the fused head
+(logps.FusedTokenLogps) under ZeRO-3, on the same batch on both ranks: the gradient that reached the
+head weight's partitions, gathered, against plain autograd through the full logits of the saved
+model in one process. Writes the comparisons as JSON."""
 import json
 import sys
 from pathlib import Path
@@ -8,11 +11,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
 import distributed  # noqa: E402
+import logps  # noqa: E402
+import loss  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
 
@@ -37,5 +43,20 @@ with deepspeed.zero.GatheredParameters(list(params.values())):
     if args.rank == 0:
         saved = load_file(out.parent / "model" / "model.safetensors")
         diff = max((saved[name] - p.detach()).abs().max().item() for name, p in params.items())
-        out.write_text(json.dumps({"steps": len(history), "max_abs_diff": diff, "names": sorted(params) == sorted(saved),
-                                   "losses": [h["loss"] for h in history]}))
+        result = {"steps": len(history), "max_abs_diff": diff, "names": sorted(params) == sorted(saved),
+                  "losses": [h["loss"] for h in history]}
+
+batch = data.collate([data.build_sequence(p["prompt_ids"], p["real_ids"], 32, 48) for p in pairs[:4]])
+engine = trainer.policy
+assert logps.fused_head(engine)
+engine.backward(-logps.batch_logps(engine, batch).sum())
+head_grad = safe_get_full_grad(engine.module.get_output_embeddings().weight)  # a collective: every rank
+if args.rank == 0:
+    plain = models.load_model(str(out.parent / "model"))[1].train()
+    spin.disable_dropout(plain)
+    full_logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    (-loss.sequence_logps(full_logits, batch["labels"]).sum()).backward()
+    expected = plain.get_output_embeddings().weight.grad
+    result.update(head_grad_max_abs_diff=(head_grad - expected).abs().max().item(),
+                  head_grad_max_abs=expected.abs().max().item())
+    out.write_text(json.dumps(result))
