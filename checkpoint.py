@@ -145,9 +145,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line]
 
 
+# Settings added after runs were made without them: what those runs did.
+ADDED_LATER = {"group_by_length": False}  # random optimizer steps before --group_by_length existed
+
+
 def check_config(run: Path, config: dict) -> None:
     """Refuse to mix results of different configurations in one run directory."""
-    recorded = json.loads((run / "config.json").read_text())
+    recorded = {**ADDED_LATER, **json.loads((run / "config.json").read_text())}
     for key in sorted(set(recorded) | set(config)):
         if key not in NOT_RESULTS and recorded.get(key) != config.get(key):
             raise ConfigMismatch(

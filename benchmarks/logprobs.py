@@ -1,13 +1,15 @@
-"""Memory and time of the project's log-prob path against the naive one, from the model's last
+"""Memory and time of the project's log-prob paths against the naive one, from the model's last
 hidden states to (B,) sequence log-probs, forward + backward, at Mistral's vocabulary (V = 32,000)
-and the recipe's length (T = 1,024), the first half of each sequence prompt.
+and Llama-3's (V = 128,256), at the recipe's length (T = 1,024), the first half of each sequence prompt.
 
     naive: logits at every position (B, T, V), float32 log_softmax over all of them, gather.
     lean:  logits at response positions only (N, V) (logps.batch_logps does this inside the model's
            forward), then logps.TokenLogps: float32 logsumexp in chunks, softmax recomputed in backward,
-           the gradient written over the logits.
+           the gradient written over the logits. The path of models outside logps.FUSED_HEAD_MODELS.
+    fused: logps.FusedTokenLogps, the default: the head and the log-softmax in one, a chunk of response
+           positions at a time; no (N, V) tensor at all; backward makes each chunk's logits again.
 
-    python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000; float32 and bfloat16
+    python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000 and 128256; float32 and bfloat16
     python benchmarks/logprobs.py --quick    # small sizes: what CI runs to check that it runs
 
 Two memory measures, both beyond the inputs (hidden states, head weight, their gradients):
@@ -21,6 +23,7 @@ Time: forward + backward on this CPU, median of --repeats runs.
 """
 import argparse
 import json
+import types
 import resource
 import subprocess
 import sys
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from logps import response_logps  # noqa: E402
+from logps import FusedTokenLogps, response_logps  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 
 
@@ -53,7 +56,16 @@ def lean(hidden, weight, labels):
     return response_logps(logits, labels[:, 1:][mask], mask, overwrite=True)
 
 
-PATHS = {"naive": naive, "lean": lean}
+def fused(hidden, weight, labels):
+    """What logps.batch_logps computes for FUSED_HEAD_MODELS, with the head written out."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    positions = F.pad(mask, (0, 1))  # (B, T)
+    head = types.SimpleNamespace(weight=weight, bias=None)  # what backward reads the weight from
+    token_logps = FusedTokenLogps.apply(hidden[positions], weight, None, labels[:, 1:][mask], head)  # (N,)
+    return torch.zeros(mask.shape).masked_scatter(mask, token_logps).sum(-1)  # (B,)
+
+
+PATHS = {"naive": naive, "lean": lean, "fused": fused}
 
 
 def inputs(b, t, h, v, dtype, seed=0):
@@ -124,24 +136,30 @@ def main(argv=None):
     if args.peak_worker:
         path, dtype, *sizes = args.peak_worker
         return peak_worker(path, [int(s) for s in sizes], dtype)
-    sizes = [2, 64, 16, 1000] if args.quick else [4, 1024, 256, 32000]
+    b, t, h = (2, 64, 16) if args.quick else (4, 1024, 256)
+    vocabularies = [1000] if args.quick else [32000, 128256]
     repeats = 1 if args.quick else args.repeats
-    print("B={} T={} H={} V={}, the first half of each sequence prompt; forward + backward on the CPU".format(*sizes))
-    print("| dtype | naive saved MiB | lean saved MiB | saved ratio | naive peak MiB | lean peak MiB | peak ratio | "
-          "naive s | lean s | time ratio | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
-        hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
-        with torch.no_grad():
-            diff = (lean(hidden, weight, labels) - naive(hidden, weight, labels)).abs().max().item()
-        saved = {name: saved_bytes(f, hidden, weight, labels) / 2**20 for name, f in PATHS.items()}
-        peak = {name: peak_bytes(name, sizes, dtype) / 2**20 for name in PATHS}
-        time_s = {name: seconds(f, hidden, weight, labels, repeats) for name, f in PATHS.items()}
-        print(f"| {dtype} | {saved['naive']:.0f} | {saved['lean']:.0f} | {saved['lean'] / saved['naive']:.2f} | "
-              f"{peak['naive']:.0f} | {peak['lean']:.0f} | {peak['lean'] / max(peak['naive'], 1e-9):.2f} | "
-              f"{time_s['naive']:.3f} | {time_s['lean']:.3f} | {time_s['lean'] / time_s['naive']:.2f} | {diff:.1e} |",
-              flush=True)
-
+    print(f"B={b} T={t} H={h}, the first half of each sequence prompt; forward + backward on the CPU; "
+          f"ratios are against naive")
+    print("| V | dtype | naive saved MiB | lean saved MiB | fused saved MiB | naive peak MiB | lean peak MiB | "
+          "fused peak MiB | lean peak ratio | fused peak ratio | naive s | lean s | fused s | lean time ratio | "
+          "fused time ratio | fused max abs diff |")
+    print("|---" * 16 + "|")
+    for v in vocabularies:
+        for dtype in ("float32", "bfloat16"):
+            sizes = [b, t, h, v]
+            hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
+            with torch.no_grad():
+                diff = (fused(hidden, weight, labels) - naive(hidden, weight, labels)).abs().max().item()
+            saved = {name: saved_bytes(f, hidden, weight, labels) / 2**20 for name, f in PATHS.items()}
+            peak = {name: peak_bytes(name, sizes, dtype) / 2**20 for name in PATHS}
+            time_s = {name: seconds(f, hidden, weight, labels, repeats) for name, f in PATHS.items()}
+            print(f"| {v} | {dtype} | {saved['naive']:.0f} | {saved['lean']:.0f} | {saved['fused']:.1f} | "
+                  f"{peak['naive']:.0f} | {peak['lean']:.0f} | {peak['fused']:.0f} | "
+                  f"{peak['lean'] / max(peak['naive'], 1e-9):.3f} | {peak['fused'] / max(peak['naive'], 1e-9):.3f} | "
+                  f"{time_s['naive']:.3f} | {time_s['lean']:.3f} | {time_s['fused']:.3f} | "
+                  f"{time_s['lean'] / time_s['naive']:.2f} | {time_s['fused'] / time_s['naive']:.2f} | {diff:.1e} |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

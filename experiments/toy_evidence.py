@@ -6,6 +6,7 @@ p_t·(p_data/p_t)^{1/λ} (Theorem 5.4, checked exactly in tests/test_theory.py).
 
     python experiments/toy_evidence.py                 # 3 seeds, 4 iterations: ~15 min on 2 CPU cores
     python experiments/toy_evidence.py --fast          # 1 seed, 2 iterations, 512 prompts, no real grid: what CI runs
+    python experiments/toy_evidence.py --plateau --out runs/evidence-plateau   # claim (c) from a plateaued start
 
 Protocol, fixed before the final runs: λ and the learning rate of SPIN, and the learning rate of
 continued SFT, are chosen on the VALIDATION prompts (toy.make_rows("validation")) with seed 0 and
@@ -42,7 +43,8 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
                "--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta", str(beta),
                "--learning_rate", str(lr), "--seed", str(seed), "--quiet", "--output_dir", str(out),
                "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "16",
-               "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH)])
+               "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH),
+               "--no-group_by_length"])  # shuffled steps, as continued SFT's
     results = []
     for t in range(iters):
         row = json.loads((out / f"iter{t}" / "complete.json").read_text())
@@ -81,6 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--fast", action="store_true",
                    help="1 seed, 2 iterations, 512 of the 2000 prompts, a 1-point grid and so no protocol runs: for CI")
+    p.add_argument("--plateau", action="store_true", help="start from an SFT model trained until doubling its steps no "
+                   "longer lowers the validation TV by 0.01 (plateau_steps), instead of the weak 400-step start")
     p.add_argument("--out", default="runs/evidence")
     args = p.parse_args(argv)
     if args.fast:
@@ -92,7 +96,8 @@ def main(argv=None) -> None:
     started = time.time()
 
     # 1. The protocol: choose on validation prompts, seed 0, 2 iterations.
-    start0 = toy.sft_model_path(seed=0)
+    curve, sft_steps = plateau_steps() if args.plateau else ([], toy.SFT["sft_steps"])
+    start0 = toy.sft_model_path(seed=0, sft_steps=sft_steps)
     protocol = {"spin": [], "sft": []}
     for beta, lr in spin_grid if len(spin_grid) > 1 else []:  # a one-point grid (--fast) has nothing to choose
         tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0, "validation")[-1]["tv_distance"]
@@ -114,7 +119,7 @@ def main(argv=None) -> None:
     # 2. The final runs on the test prompts.
     runs = []
     for seed in args.seeds:
-        start = toy.sft_model_path(seed=seed)
+        start = toy.sft_model_path(seed=seed, sft_steps=sft_steps)
         tokenizer, model = models.load_model(str(start))
         initial = evaluation.toy_metrics(model, tokenizer, "test")
         spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
@@ -126,13 +131,27 @@ def main(argv=None) -> None:
               f"{[round(r['tv_distance'], 4) for r in sft_results]}", flush=True)
 
     minutes = (time.time() - started) / 60
-    results = {"protocol": protocol, "chosen": {"spin": best, "sft": best_sft}, "runs": runs,
+    results = {"sft_steps": sft_steps, "sft_curve": curve, "protocol": protocol, "chosen": {"spin": best, "sft": best_sft}, "runs": runs,
                "iters": args.iters, "seeds": args.seeds, "minutes": round(minutes, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
     plot(results, out / "results.png")
     print(table(results))
     print(f"{minutes:.1f} min; wrote {out}/results.json, results.md, results.png")
+
+
+def plateau_steps() -> tuple[list[dict], int]:
+    """The SFT start's curve (seed 0): SFT steps doubled from 400 until the validation TV of the
+    start improves by less than 0.01; the start is the last step count before that doubling."""
+    curve = []
+    for steps in (400, 800, 1600, 3200, 6400, 12800):
+        tokenizer, model = models.load_model(str(toy.sft_model_path(seed=0, sft_steps=steps)))
+        curve.append({"sft_steps": steps, **evaluation.toy_metrics(model, tokenizer, "validation")})
+        print(f"SFT start: {steps} steps, validation TV {curve[-1]['tv_distance']:.4f}, accuracy "
+              f"{curve[-1]['accuracy']:.3f}", flush=True)
+        if len(curve) > 1 and curve[-2]["tv_distance"] - curve[-1]["tv_distance"] < 0.01:
+            return curve, curve[-2]["sft_steps"]
+    return curve, curve[-1]["sft_steps"]
 
 
 def series(results: dict, method: str, metric: str) -> list[list[float]]:

@@ -15,7 +15,7 @@ def test_the_quick_logprobs_benchmark_runs_and_prints_its_table():
     result = subprocess.run([sys.executable, "benchmarks/logprobs.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\n| float32 |") == 1 and result.stdout.count("\n| bfloat16 |") == 1
+    assert result.stdout.count("\n| 1000 | float32 |") == 1 and result.stdout.count("\n| 1000 | bfloat16 |") == 1
 
 
 def test_lean_log_probs_keep_only_the_response_logits_for_backward():
@@ -27,6 +27,15 @@ def test_lean_log_probs_keep_only_the_response_logits_for_backward():
     assert responses * v * 4 <= lean < responses * (v + h) * 4 + 8192
     assert logprobs.saved_bytes(logprobs.naive, hidden, weight, labels) >= b * (t - 1) * v * 4
     assert torch.allclose(logprobs.lean(hidden, weight, labels), logprobs.naive(hidden, weight, labels), atol=1e-4)
+
+
+def test_the_fused_head_keeps_no_logits_for_backward():
+    b, t, h, v = 2, 64, 16, 1000
+    hidden, weight, labels = logprobs.inputs(b, t, h, v, torch.float32)
+    responses = int((labels[:, 1:] != -100).sum())
+    fused = logprobs.saved_bytes(logprobs.fused, hidden, weight, labels)
+    assert fused < responses * (h + 4) * 4 + 8192  # the (N, H) hidden rows and per-position vectors: no (N, V)
+    assert torch.allclose(logprobs.fused(hidden, weight, labels), logprobs.naive(hidden, weight, labels), atol=1e-4)
 
 
 def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
@@ -46,3 +55,14 @@ def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens from both: yes" in result.stdout
     assert "\n| data-set order |" in result.stdout and "\n| generate.py |" in result.stdout
+
+
+def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
+    """benchmarks/gpu.py --tiny on the CPU: the script a GPU session runs, checked to run end to end."""
+    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--prompts", "8"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in ("plain", "zero3"):
+        for phase in ("generation", "opponent pass", "training"):
+            assert f"\n| {run} | {phase} |" in result.stdout
+    assert "iteration 0 (50000 pairs)" in result.stdout and "iteration 1 (100000 pairs)" in result.stdout

@@ -1,0 +1,195 @@
+"""One SPIN iteration on one GPU, phase by phase, ready for the day a GPU is there: a randomly
+initialised Zephyr-architecture model (MistralForCausalLM) scaled to ~1B parameters, bf16 autocast,
+SDPA attention, on prompts and replies whose lengths are shaped like UltraChat's (log-normal,
+cut as the recipe cuts them), through the project's own phase functions: generation
+(generate.generate), the opponent pass (spin.opponent_logps) and training (spin.train), first
+plain PyTorch, then --deepspeed configs/ds_zero3.json on the same GPU.
+
+    python benchmarks/gpu.py            # one H100: ~1B parameters, 256 prompts, 256 new tokens (a few minutes)
+    python benchmarks/gpu.py --tiny     # CPU, a tiny model, 16 prompts: what CI runs to check that it runs
+
+Prints per phase: tokens/s, seconds, peak GPU memory (torch.cuda.max_memory_allocated, reset before
+each phase); for training also MFU = 6 · parameters · trained tokens / seconds / the card's peak
+bf16 dense FLOP/s (attention's T² term left out, so MFU is slightly understated); then the
+projected time of one Zephyr-7B iteration of the recipe (50k prompts, 2 epochs, 8×H100) from
+these figures, with the assumptions it makes.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator for --tiny
+
+import distributed  # noqa: E402
+import generate  # noqa: E402
+import spin  # noqa: E402
+
+SIZES = {  # MistralForCausalLM shapes; "1b" is Zephyr-7B's architecture (GQA 4:1, SwiGLU) at ~0.94B parameters
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+}
+ZEPHYR_PARAMETERS = 7.24e9
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, NVIDIA's data sheets
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
+
+
+def tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` tokens "t0", "t1", ...: ids in, text out, EOS id 2, pad id 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", unk_token="t1", eos_token="t2")
+
+
+def ultrachat_shaped(n: int, vocab: int, scale: float, seed: int = 0) -> list[dict]:
+    """Prompts and human replies with UltraChat-like lengths: log-normal, median ~120 prompt tokens
+    and ~250 reply tokens (scaled by `scale`), cut to the recipe's 512 / 1024; random token ids."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lognormal(median, sigma, low, high):
+        return int(min(high, max(low, median * scale * math.exp(sigma * torch.randn(1, generator=g).item()))))
+
+    rows = []
+    for i in range(n):
+        prompt = lognormal(120, 0.8, 4, 512 * scale)
+        reply = lognormal(250, 0.6, 2, 1024 * scale - prompt)
+        rows.append({"id": i, "prompt_ids": torch.randint(3, vocab, (prompt,), generator=g).tolist(),
+                     "real_ids": torch.randint(3, vocab, (reply,), generator=g).tolist()})
+    return rows
+
+
+def memory() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def reset_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
+    """The three phases of one SPIN iteration; {phase: {tokens, seconds, memory_gib}} and parameters."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    args = spin.parse_args(["--dataset", "toy", "--output_dir", str(out), "--quiet", *flags])
+    distributed.setup(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    config = MistralConfig(**SIZES[size], max_position_embeddings=4096, attn_implementation="sdpa")
+    model = MistralForCausalLM(config).to(spin.weights_dtype(args)).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    tok = tokenizer(config.vocab_size)
+    phases = {}
+
+    reset_memory()
+    started = time.time()
+    samples = generate.generate(model, tok, [r["prompt_ids"] for r in rows], args.max_new_tokens, True, 1.0, 1.0,
+                                args.generation_batch_size, seed=0, stop=[2])
+    phases["generation"] = {"tokens": sum(len(s["generated_ids"]) for s in samples),
+                            "seconds": time.time() - started, "memory_gib": memory()}
+    pairs = [{**r, "iteration": 0, "generated_ids": s["generated_ids"] or [2]} for r, s in zip(rows, samples)]
+    pair_tokens = sum(2 * min(len(p["prompt_ids"]), args.max_prompt_length) + len(p["real_ids"]) + len(p["generated_ids"])
+                      for p in pairs)
+
+    reset_memory()
+    started = time.time()
+    spin.opponent_logps(model, pairs, args)
+    phases["opponent pass"] = {"tokens": pair_tokens, "seconds": time.time() - started, "memory_gib": memory()}
+
+    if spin.weights_dtype(args) != torch.float32:  # ZeRO-3 keeps float32 masters: train a float32 copy
+        model = model.float()
+    reset_memory()
+    started = time.time()
+    (out / "iter0").mkdir(parents=True, exist_ok=True)
+    history, _ = spin.train(model, pairs, 5e-7, 0, args, out / "iter0")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    phases["training"] = {"tokens": pair_tokens * args.num_train_epochs, "seconds": time.time() - started,
+                          "memory_gib": memory(), "steps": len(history)}
+    return {"phases": phases, "parameters": parameters}
+
+
+def report(name: str, result: dict, peak: float | None) -> list[str]:
+    lines = []
+    for phase, m in result["phases"].items():
+        rate = m["tokens"] / m["seconds"]
+        mfu = ""
+        if phase == "training" and peak:
+            mfu = f"{6 * result['parameters'] * m['tokens'] / m['seconds'] / peak:.1%}"
+        gib = f"{m['memory_gib']:.1f}" if m["memory_gib"] is not None else "n/a (CPU)"
+        lines.append(f"| {name} | {phase} | {m['tokens']} | {m['seconds']:.1f} | {rate:,.0f} | {gib} | {mfu} |")
+    return lines
+
+
+def projection(result: dict, rows: list[dict], scale: float) -> list[str]:
+    """Zephyr-7B, 50k prompts, 8 GPUs like this one, from the measured rates: generation and the
+    opponent pass scale with the weights each token passes through (×P_1B/P_7B per GPU), training
+    with FLOPs at the measured MFU of the ZeRO-3 run."""
+    ratio = result["parameters"] / ZEPHYR_PARAMETERS
+    ph = result["phases"]
+    per_prompt = {k: ph[k]["tokens"] / len(rows) / scale for k in ("generation", "opponent pass")}
+    out = []
+    for t, pairs in ((0, 50_000), (1, 100_000)):  # iterations ≥ 1 also train on the previous pairs
+        generation = 50_000 * per_prompt["generation"] / (ph["generation"]["tokens"] / ph["generation"]["seconds"] * ratio * 8)
+        opponent = pairs * per_prompt["opponent pass"] / (ph["opponent pass"]["tokens"] / ph["opponent pass"]["seconds"] * ratio * 8)
+        train_tokens = pairs * per_prompt["opponent pass"] * 2  # 2 epochs
+        mfu = 6 * result["parameters"] * ph["training"]["tokens"] / ph["training"]["seconds"]  # achieved FLOP/s, one GPU
+        training = 6 * ZEPHYR_PARAMETERS * train_tokens / (mfu * 8)
+        out.append(f"iteration {t} ({pairs} pairs): generation {generation / 3600:.2f} h + opponent pass "
+                   f"{opponent / 3600:.2f} h + training {training / 3600:.2f} h = "
+                   f"{(generation + opponent + training) / 3600:.2f} h")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 16 prompts: for CI")
+    p.add_argument("--prompts", type=int)
+    args = p.parse_args(argv)
+    size, scale = ("tiny", 1 / 16) if args.tiny else ("1b", 1.0)
+    rows = ultrachat_shaped(args.prompts or (16 if args.tiny else 256), SIZES[size]["vocab_size"], scale)
+    common = ["--max_prompt_length", str(int(512 * scale)), "--max_length", str(int(1024 * scale)),
+              "--max_new_tokens", str(int(256 * scale)), "--generation_batch_size", "64", "--num_train_epochs", "2",
+              "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2" if args.tiny else "8",
+              *([] if args.tiny else ["--bf16", "--attn_implementation", "sdpa"])]
+    peak = peak_flops()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}; model: MistralForCausalLM {SIZES[size]}; {len(rows)} prompts; peak bf16 "
+          f"{peak / 1e12:.0f} TFLOP/s" if peak else f"{device}; model {SIZES[size]}; {len(rows)} prompts; no MFU (unknown peak)")
+    print("| run | phase | tokens | seconds | tokens/s | peak memory GiB | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for name, flags in (("plain", []), ("zero3", ["--deepspeed", "configs/ds_zero3.json"])):
+        with tempfile.TemporaryDirectory() as out:
+            results[name] = run(size, rows, common + flags, Path(out))
+        print("\n".join(report(name, results[name], peak)), flush=True)
+    print(f"\nparameters: {results['zero3']['parameters']:,}; training tokens count prompt + reply of both "
+          f"sequences of a pair; MFU = 6·P·tokens/s / peak")
+    print("Projected Zephyr-7B iteration on 8 of these GPUs (ZeRO-3 rates; decoding and scoring scaled by "
+          "parameters, training at the measured achieved FLOP/s):")
+    for line in projection(results["zero3"], rows, scale):
+        print("  " + line)
+
+
+if __name__ == "__main__":
+    main()
