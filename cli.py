@@ -97,6 +97,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
     g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    add_reporting_flags(p)
+    p.set_defaults(**config_file(p, argv))
+    args = p.parse_args(argv)
+    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name in config.json
+    args.report_to = trackers(args.report_to)
+    from_accelerate_launch(args)
+    apply_recipe(args)
+    validate(args)
+    return args
+
+
+def add_reporting_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and logging (evaluation.py, report.py, plot.py)")
     g.add_argument("--eval_dataset", help="held-out prompts: a data set like --dataset (default: the toy's test "
                    "split; otherwise --eval_samples rows, at most a tenth, taken out of --dataset)")
@@ -116,14 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hub_private_repo", action="store_true", help="create the --hub_model_id repository private")
     g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(**config_file(p, argv))
-    args = p.parse_args(argv)
-    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name in config.json
-    args.report_to = trackers(args.report_to)
-    from_accelerate_launch(args)
-    apply_recipe(args)
-    validate(args)
-    return args
 
 
 def trackers(names) -> list[str]:
