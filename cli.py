@@ -175,7 +175,8 @@ def config_file(parser: argparse.ArgumentParser, argv) -> dict:
                 convert(value) if isinstance(value, str) else value
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise UsageError(f"--config {path}: {key}: {e}") from None
-        if action.choices and values[key] not in action.choices:
+        chosen = values[key] if isinstance(values[key], list) else [values[key]]  # report_to: a list, maybe empty
+        if action.choices and any(v not in action.choices for v in chosen):
             raise UsageError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, got {value!r}")
     return values
 

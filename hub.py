@@ -13,7 +13,9 @@ from pathlib import Path
 
 import checkpoint
 
-UPLOADED = ("README.md", "spin.png", "evaluation.jsonl", "config.json")  # besides the model's own files
+# The run's files uploaded with each model, by their name in the repository (the model directory has a
+# config.json of its own: the run's goes in as spin_config.json).
+RUN_FILES = {"spin.png": "spin.png", "evaluation.jsonl": "evaluation.jsonl", "spin_config.json": "config.json"}
 
 
 def repo_id(args) -> str:
@@ -41,8 +43,8 @@ def check(args) -> None:
 
 
 def push(args, run: Path, t: int) -> None:
-    """One commit: iter{t}/model's files at the repository's root, with the run's plot, held-out table
-    and config; then the branch iter{t} at that commit. Skipped when iter{t}/pushed.json exists."""
+    """One commit: iter{t}/model's files (its card README.md among them) at the repository's root, with
+    the run's plot, held-out table and config (RUN_FILES); then the branch iter{t} at that commit. Skipped when iter{t}/pushed.json exists."""
     marker = run / f"iter{t}" / "pushed.json"
     if not args.push_to_hub or marker.exists():
         return
@@ -50,7 +52,7 @@ def push(args, run: Path, t: int) -> None:
 
     model = run / f"iter{t}" / "model"
     files = {p.name: p for p in sorted(model.iterdir()) if p.is_file()}
-    files |= {name: run / name for name in UPLOADED[1:] if (run / name).exists()}
+    files |= {name: run / local for name, local in RUN_FILES.items() if (run / local).exists()}
     api, repo = huggingface_hub.HfApi(), repo_id(args)
     commit = api.create_commit(repo, operations=[huggingface_hub.CommitOperationAdd(name, str(path))
                                                  for name, path in files.items()],

@@ -53,7 +53,9 @@ def test_each_completed_iteration_is_one_commit_with_its_model_card_and_the_plot
     for t, (_, repo, files, _) in enumerate(commits):
         model = run / f"iter{t}" / "model"
         assert repo == "me/spin-toy"
-        assert sorted(files) == sorted([p.name for p in model.iterdir()] + ["spin.png", "evaluation.jsonl", "config.json"])
+        assert sorted(files) == sorted([p.name for p in model.iterdir()] + ["spin.png", "evaluation.jsonl", "spin_config.json"])
+        assert files["config.json"] == (model / "config.json").read_bytes()  # the model's, not the run's
+        assert files["spin_config.json"] == (run / "config.json").read_bytes()
         assert files["model.safetensors"] == (model / "model.safetensors").read_bytes()
         assert files["README.md"] == (model / "README.md").read_bytes()  # the card of this iteration
         assert files["spin.png"][:8] == b"\x89PNG\r\n\x1a\n"
