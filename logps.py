@@ -176,7 +176,7 @@ class FusedTokenLogps(torch.autograd.Function):
     DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls
     run in the hidden states' dtype (bf16 under autocast, like nn.Linear's), the softmax in float32."""
 
-    CHUNK_BYTES = 64 * 2**20  # float32 logits alive at once
+    CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once (backward's peak holds about one chunk)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head):
@@ -208,7 +208,8 @@ class FusedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.rows):
             end = start + ctx.rows
             g = grad[start:end, None].float()  # (rows, 1)
-            d = (torch.nn.functional.linear(hidden[start:end], w, b).float() - lse[start:end, None]).exp_().mul_(-g)
+            d = torch.nn.functional.linear(hidden[start:end], w, b).float()  # (rows, V), this function's own
+            d.sub_(lse[start:end, None]).exp_().mul_(-g)  # in place: −g·softmax
             d.scatter_add_(1, targets[start:end, None], g)  # (rows, V): g·(onehot − softmax)
             grad_hidden[start:end] = d.to(hidden.dtype) @ w
             if grad_weight is not None:
