@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
                    help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
     g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
-                   help="each optimizer step takes pairs of similar length (less padding; spin.grouped_by_length); "
+                   help="each optimizer step takes pairs of similar length (less padding; data.grouped_by_length); "
                    "default: on, except in the toy recipe")
     g = p.add_argument_group("generation (the opponent's samples)")
     g.add_argument("--max_new_tokens", type=int)

@@ -305,3 +305,25 @@ def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
         labels[i, :n] = torch.tensor(s["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+GROUP_WINDOW = 50  # steps' worth of shuffled pairs sorted together (Hugging Face Trainer's megabatch is 50 batches)
+
+
+def grouped_by_length(order: list[int], lengths: list[int], size: int, generator) -> list[int]:
+    """The shuffled `order`, cut into windows of GROUP_WINDOW steps; each window sorted by length and
+    cut into steps of `size` pairs, whose order within the window is shuffled again. A batch is padded
+    to its longest sequence, so similar lengths in a step leave little padding; which pairs share a
+    step is still random from iteration to iteration and epoch to epoch (docs/differences.md)."""
+    out = []
+    for start in range(0, len(order), GROUP_WINDOW * size):
+        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: -lengths[i])
+        steps = [window[k:k + size] for k in range(0, len(window), size)]
+        out += [i for k in torch.randperm(len(steps), generator=generator).tolist() for i in steps[k]]
+    return out
+
+
+def pair_length(pair: dict, max_prompt_length: int, max_length: int) -> int:
+    """Tokens of a pair's longer sequence, prompt + y or prompt + y', as build_sequence cuts them."""
+    prompt = min(len(pair["prompt_ids"]), max_prompt_length)
+    return min(max_length, prompt + max(len(pair["real_ids"]), len(pair["generated_ids"])))

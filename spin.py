@@ -102,37 +102,16 @@ def global_batch(args) -> int:
 def batches(pairs: list[dict], iteration: int, args):
     """(epoch, the pairs of one optimizer step over all ranks), in the order training sees them. The
     order is a function of (seed, iteration, epoch): a resumed run sees the same batches. With
-    --group_by_length (the default) a step's pairs have similar lengths (grouped_by_length)."""
+    --group_by_length (the default) a step's pairs have similar lengths (data.grouped_by_length)."""
     size = global_batch(args)
     for epoch in range(args.num_train_epochs):
         generator = torch.Generator().manual_seed(data.seed(args.seed, "order", iteration, epoch=epoch))
         order = torch.randperm(len(pairs), generator=generator).tolist()
         if args.group_by_length:
-            order = grouped_by_length(order, [pair_length(p, args) for p in pairs], size, generator)
+            order = data.grouped_by_length(order, [data.pair_length(p, args.max_prompt_length, args.max_length) for p in pairs],
+                                           size, generator)
         for start in range(0, len(order), size):
             yield epoch, [pairs[i] for i in order[start:start + size]]
-
-
-GROUP_WINDOW = 50  # steps' worth of shuffled pairs sorted together (Hugging Face Trainer's megabatch is 50 batches)
-
-
-def grouped_by_length(order: list[int], lengths: list[int], size: int, generator) -> list[int]:
-    """The shuffled `order`, cut into windows of GROUP_WINDOW steps; each window sorted by length and
-    cut into steps of `size` pairs, whose order within the window is shuffled again. A batch is padded
-    to its longest sequence, so similar lengths in a step leave little padding; which pairs share a
-    step is still random from iteration to iteration and epoch to epoch (docs/differences.md)."""
-    out = []
-    for start in range(0, len(order), GROUP_WINDOW * size):
-        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: -lengths[i])
-        steps = [window[k:k + size] for k in range(0, len(window), size)]
-        out += [i for k in torch.randperm(len(steps), generator=generator).tolist() for i in steps[k]]
-    return out
-
-
-def pair_length(pair: dict, args) -> int:
-    """Tokens of a pair's longer sequence, prompt + y or prompt + y', as training cuts them."""
-    prompt = min(len(pair["prompt_ids"]), args.max_prompt_length)
-    return min(args.max_length, prompt + max(len(pair["real_ids"]), len(pair["generated_ids"])))
 
 
 def train_step(trainer, step_pairs: list[dict], args) -> dict:

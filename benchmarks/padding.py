@@ -1,4 +1,4 @@
-"""Padding in training, shuffled steps against length-grouped ones (spin.grouped_by_length, the
+"""Padding in training, shuffled steps against length-grouped ones (data.grouped_by_length, the
 default), side by side: the share of every micro-batch's padded slots that are padding, training
 throughput in real (non-padding) tokens per second, and the loss statistics of the two runs.
 

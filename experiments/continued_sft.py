@@ -1,6 +1,8 @@
 """Continued SFT, the paper's baseline for claim (c): maximum likelihood of the human replies of the
 same prompts SPIN trains on, with SPIN's optimizer and schedule (spin.rmsprop), batch size, gradient
-clipping and number of optimizer steps. Used by toy_evidence.py and real_evidence.py."""
+clipping and number of optimizer steps. Used by toy_evidence.py and real_evidence.py, with the two
+helpers they share to summarise seeds (mean_std, draw_both)."""
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,3 +49,24 @@ class ContinuedSFT:
             losses.append(loss.item())
         self.model.eval()
         return losses
+
+
+def mean_std(values: list) -> str:
+    """Mean ± standard deviation over seeds, 3 decimals; one seed alone; "" for a measure that is absent."""
+    if values[0] is None:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def draw_both(ax, iters: int, series) -> None:
+    """SPIN's and continued SFT's means over seeds with their spread, per model (start, then after each
+    iteration); series(method) gives [model][seed] values."""
+    x = list(range(iters + 1))
+    for method, name in (("spin", "SPIN"), ("sft", "continued SFT")):
+        values = series(method)
+        ax.errorbar(x, [statistics.mean(v) for v in values],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values], marker="o", capsize=3, label=name)
+    ax.set_xticks(x, ["start"] + [str(t) for t in range(iters)])
+    ax.set_xlabel("after iteration")

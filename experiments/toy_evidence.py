@@ -29,7 +29,7 @@ import evaluation  # noqa: E402
 import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
-from continued_sft import ContinuedSFT  # noqa: E402
+from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
 
 SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
 SFT_GRID = [3e-5, 1e-4, 3e-4]
@@ -69,12 +69,6 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
         sft.run(total, lr)
         results.append(evaluation.toy_metrics(model, tokenizer, split) | {"steps": total})
     return results
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main(argv=None) -> None:
@@ -180,16 +174,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = list(range(results["iters"] + 1))
     for ax, metric, label in ((axes[0], "accuracy", "held-out accuracy (greedy answer valid)"),
                               (axes[1], "tv_distance", "total variation to p_data")):
-        for method, name in (("spin", "SPIN"), ("sft", "continued SFT")):
-            values = series(results, method, metric)
-            means = [statistics.mean(v) for v in values]
-            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=name)
-        ax.set_xticks(x, ["start"] + [str(t) for t in range(results["iters"])])
-        ax.set_xlabel("after iteration")
+        draw_both(ax, results["iters"], lambda method: series(results, method, metric))
         ax.set_title(label)
         ax.legend()
     fig.suptitle(f"Toy: SPIN vs continued SFT, {len(results['seeds'])} seed(s), test prompts")
