@@ -146,7 +146,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # Settings added after runs were made without them: what those runs did.
-ADDED_LATER = {"group_by_length": False}  # random optimizer steps before --group_by_length existed
+ADDED_LATER = {"group_by_length": False,  # random optimizer steps before --group_by_length existed
+               "padding_free": False}  # padded rows before --padding_free existed
 
 
 def check_config(run: Path, config: dict) -> None:

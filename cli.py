@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
                    help="each optimizer step takes pairs of similar length (less padding; data.grouped_by_length); "
                    "default: on, except in the toy recipe")
+    g.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack each forward's sequences into rows without padding (data.pack; models in "
+                   "logps.PADDING_FREE_MODELS, any attention implementation); default: on, except in the toy recipe")
     g = p.add_argument_group("generation (the opponent's samples)")
     g.add_argument("--max_new_tokens", type=int)
     g.add_argument("--temperature", type=float)

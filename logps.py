@@ -30,20 +30,28 @@ from loss import IGNORE_INDEX
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int, max_length: int,
-          bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          bf16: bool = False, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
-    training and evaluation."""
+    training and evaluation. padding_free: the sequences packed into rows without padding
+    (data.pack) where the model reads sequences off position ids (packs(model)); otherwise padded."""
     device = next(model.parameters()).device
     sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
-    batch = {k: v.to(device) for k, v in data.collate(sequences).items()}
-    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)
-    return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
+    if padding_free and packs(model):
+        # FlashAttention finds the sequences in the position ids of a batch of ONE row only (varlen); SDPA and
+        # eager get a block-diagonal mask per row, as wide as the longest sequence (attention is dense within a row).
+        one_row = str(getattr(_config(model), "_attn_implementation", "")).startswith("flash")
+        batch = data.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
+    else:
+        batch = data.collate(sequences)
+    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
+    return batch_logps(model, {k: v.to(device) for k, v in batch.items()}, bf16), tokens  # (B,), (B,)
 
 
 @torch.no_grad()
 def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int, max_prompt_length: int,
-              max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False) -> list[tuple[float, int]]:
+              max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False,
+              padding_free: bool = False) -> list[tuple[float, int]]:
     """score() in batches of batch_size, without gradients: [(log p(response|prompt), response tokens
     scored)] in the order given. The opponent pass and held-out evaluation both score through it."""
     from tqdm import tqdm
@@ -52,7 +60,7 @@ def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None if progress else True):
         logps, tokens = score(model, prompts[start:start + batch_size], responses[start:start + batch_size],
-                              max_prompt_length, max_length, bf16)  # (b,), (b,)
+                              max_prompt_length, max_length, bf16, padding_free)  # (b,), (b,)
         out += zip(logps.tolist(), tokens.tolist())
     return out
 
@@ -63,20 +71,40 @@ FUSED_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3
                      "olmo2", "smollm3"}
 
 
+def _config(model):
+    return getattr(getattr(model, "module", model), "config", None)  # a DeepSpeed engine wraps the model
+
+
 def fused_head(model) -> bool:
     """Whether batch_logps computes log p(target) inside the head (FusedTokenLogps) for this model."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(config, "model_type", None) in FUSED_HEAD_MODELS
+    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(_config(model), "model_type", None) in FUSED_HEAD_MODELS
+
+
+# Model types whose attention mask transformers 5.24 builds with masking_utils (which finds packed sequences in
+# the position ids when no attention mask is given) and whose positions come from the position ids: packed
+# and padded batches give the same log-probs (tests/test_logps.py checks each type).
+PADDING_FREE_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi", "gemma",
+                       "gemma2", "gemma3_text", "olmo2", "smollm3", "gpt2", "gpt_neox", "falcon", "stablelm",
+                       "starcoder2", "granite", "cohere"}
+
+
+def packs(model) -> bool:
+    """Whether score() may pack this model's batches without padding (data.pack)."""
+    return getattr(_config(model), "model_type", None) in PADDING_FREE_MODELS
 
 
 def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
-    """(B,) log p(y|x) for a batch from data.collate (input_ids, attention_mask, labels)."""
+    """(S,) log p(y|x) of the S sequences of a batch from data.collate (input_ids, attention_mask,
+    labels: a sequence per row) or data.pack (input_ids, position_ids, labels, sequence: rows of
+    several sequences, which the position ids tell apart, and no attention mask)."""
     labels = batch["labels"]  # (B, T)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is a response token
     positions = torch.nn.functional.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
     targets = labels[:, 1:][mask]  # (N,)
     head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
     fused = fused_head(model)
+    packed = "position_ids" in batch
+    inputs = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
 
     def only_response_positions(module, inputs):
         hidden = inputs[0]  # (B, T, H)
@@ -90,11 +118,17 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
         head.forward = log_p_target  # an instance attribute: the module's hooks (ZeRO-3's) still run around it
     try:
         with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits  # no KV cache to fill
     finally:
         handle.remove()
         if fused:
             del head.forward
+    if packed:
+        # The logits are this function's own: backward may write their gradient over them.
+        token_logps = out[0, :, 0].float() if fused else TokenLogps.apply(out[0], targets, True)  # (N,)
+        owner = batch["sequence"][:, 1:][mask]  # (N,): the sequence each response token belongs to
+        sums = torch.zeros(int(batch["sequence"].max()) + 1, dtype=torch.float32, device=labels.device)  # (S,)
+        return sums.index_add(0, owner, token_logps)
     if fused:
         token_logps = out[0, :, 0].float()  # (N,)
         per_position = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)  # (B, T-1)

@@ -52,11 +52,12 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: shown as one line, exit status 1."""
 
 
-def pair_logps(model, pairs: list[dict], max_prompt_length: int, max_length: int, bf16: bool = False):
+def pair_logps(model, pairs: list[dict], max_prompt_length: int, max_length: int, bf16: bool = False,
+               padding_free: bool = False):
     """log p(y|x) and log p(y'|x) of a batch of pairs, real and generated in ONE forward pass."""
     logps, _ = score(model, [p["prompt_ids"] for p in pairs] * 2,
                      [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs],
-                     max_prompt_length, max_length, bf16)  # (2B,) logps.py
+                     max_prompt_length, max_length, bf16, padding_free)  # (2B,) logps.py
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
@@ -66,7 +67,7 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
     scored = score_all(model, [p["prompt_ids"] for p in pairs for _ in (0, 1)],  # y and y' of a pair in one batch
                        [y for p in pairs for y in (p["real_ids"], p["generated_ids"])],
                        2 * args.per_device_train_batch_size, args.max_prompt_length, args.max_length, args.bf16,
-                       "opponent log-probs", progress=not distributed.bars_off(args))
+                       "opponent log-probs", progress=not distributed.bars_off(args), padding_free=args.padding_free)
     for p, (real, _), (generated, _) in zip(pairs, scored[0::2], scored[1::2]):
         p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
 
@@ -127,8 +128,8 @@ def train_step(trainer, step_pairs: list[dict], args) -> dict:
         batch = mine[k * size:(k + 1) * size]
         weight = args.world_size / len(step_pairs) if batch else 0.0  # ranks' mean -> the global mean
         batch = batch or step_pairs[:1]
-        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args.max_prompt_length,
-                                                                args.max_length, args.bf16)  # (b,), (b,)
+        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args.max_prompt_length, args.max_length,
+                                                                args.bf16, args.padding_free)  # (b,), (b,)
         losses, real_rewards, generated_rewards = spin_loss(
             policy_real_logps, policy_generated_logps,
             torch.tensor([p["opponent_real_logp"] for p in batch], device=policy_real_logps.device),

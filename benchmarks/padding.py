@@ -1,6 +1,7 @@
-"""Padding in training, shuffled steps against length-grouped ones (data.grouped_by_length, the
-default), side by side: the share of every micro-batch's padded slots that are padding, training
-throughput in real (non-padding) tokens per second, and the loss statistics of the two runs.
+"""Padding in training, side by side: shuffled steps against length-grouped ones (data.grouped_by_length),
+each with padded rows (data.collate) and padding-free packed rows (data.pack; both defaults on): the
+share of the forward passes' token slots that are padding, training throughput in real (non-padding)
+tokens per second, and the loss statistics of the runs.
 
     python benchmarks/padding.py            # 192 pairs, lengths shaped like UltraChat's at 1/4 scale, CPU
     python benchmarks/padding.py --scale 1 --prompts 512    # the recipe's lengths (a GPU)
@@ -9,7 +10,7 @@ The pairs: prompts and human replies from benchmarks/gpu.py's UltraChat-shaped l
 generated reply per pair whose length is log-normal around 200 tokens, cut at max_new_tokens 256
 (scaled); random token ids. The model: a randomly initialised MistralForCausalLM (hidden 256, 4 layers,
 vocabulary 8000), float32, SDPA; 1 epoch, 8 pairs per step; both runs train the same pairs from the
-same weights, only the order of the pairs differs.
+same weights; only the order of the pairs and the layout of the rows differ.
 """
 import argparse
 import math
@@ -24,19 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import spin  # noqa: E402
 from gpu import ultrachat_shaped  # noqa: E402
 
 
 def padding_share(steps, args) -> float:
-    """Padding over all padded slots, per micro-batch of 2·per_device sequences (a pair's y and y')."""
-    real = padded = 0
+    """Padding over all slots of the batches the forward passes get: each micro-batch's 2·per_device
+    sequences (a pair's y and y') padded to the longest (data.collate), or packed (data.pack)."""
+    real = slots = 0
     for _, step in steps:
         for k in range(0, len(step), args.per_device_train_batch_size):
-            lengths = [min(args.max_length, min(len(p["prompt_ids"]), args.max_prompt_length) + len(p[key]))
-                       for p in step[k:k + args.per_device_train_batch_size] for key in ("real_ids", "generated_ids")]
-            real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
-    return 1 - real / padded
+            pairs = step[k:k + args.per_device_train_batch_size]
+            sequences = [data.build_sequence(p["prompt_ids"], p[key], args.max_prompt_length, args.max_length)
+                         for key in ("real_ids", "generated_ids") for p in pairs]
+            batch = data.pack(sequences) if args.padding_free else data.collate(sequences)
+            real, slots = real + sum(len(s["input_ids"]) for s in sequences), slots + batch["input_ids"].numel()
+    return 1 - real / slots
 
 
 def main(argv=None) -> None:
@@ -60,9 +65,12 @@ def main(argv=None) -> None:
     print("| steps | padding share | real tokens/s | mean loss | last loss | seconds |")
     print("|---|---|---|---|---|---|")
     rates = {}
-    for name, flag in (("shuffled", "--no-group_by_length"), ("length-grouped", "--group_by_length")):
+    for name, flags in (("shuffled", ["--no-group_by_length", "--no-padding_free"]),
+                        ("length-grouped", ["--group_by_length", "--no-padding_free"]),
+                        ("shuffled, padding-free", ["--no-group_by_length", "--padding_free"]),
+                        ("length-grouped, padding-free", ["--group_by_length", "--padding_free"])):
         with tempfile.TemporaryDirectory() as out:
-            args = spin.parse_args(["--dataset", "toy", "--output_dir", out, "--quiet", flag, "--num_train_epochs", "1",
+            args = spin.parse_args(["--dataset", "toy", "--output_dir", out, "--quiet", *flags, "--num_train_epochs", "1",
                                     "--per_device_train_batch_size", "8", "--max_prompt_length", str(int(512 * args_.scale)),
                                     "--max_length", str(int(1024 * args_.scale))])
             torch.manual_seed(0)
@@ -80,7 +88,8 @@ def main(argv=None) -> None:
         losses = [h["loss"] for h in history]
         print(f"| {name} | {share:.3f} | {rates[name]:,.0f} | {statistics.mean(losses):.4f} | {losses[-1]:.4f} | "
               f"{seconds:.1f} |", flush=True)
-    print(f"throughput, length-grouped / shuffled: {rates['length-grouped'] / rates['shuffled']:.2f}x")
+    for name in list(rates)[1:]:
+        print(f"throughput, {name} / shuffled: {rates[name] / rates['shuffled']:.2f}x")
 
 
 if __name__ == "__main__":

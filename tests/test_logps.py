@@ -126,3 +126,96 @@ def test_the_fused_head_under_bf16_autocast_stays_near_float32_and_can_be_turned
     monkeypatch.setenv("SPIN_FUSED_HEAD", "0")
     assert not logps.fused_head(model)
     assert torch.allclose(batch_logps(model, batch), exact, atol=1e-5)
+
+
+def test_pack_lays_sequences_end_to_end_and_restarts_their_positions():
+    I = loss.IGNORE_INDEX
+    sequences = [{"input_ids": [1, 2, 3, 4], "labels": [I, I, 3, 4]}, {"input_ids": [5, 6], "labels": [9, 6]},
+                 {"input_ids": [7, 8, 9], "labels": [I, 8, 9]}]
+    batch = data.pack(sequences, pad_token_id=0)
+    # Longest first, first fit, rows as wide as the longest sequence: [0] alone; [2] then [1]... no room: 3 + 2 > 4.
+    assert batch["sequence"].tolist() == [[0, 0, 0, 0], [2, 2, 2, -1], [1, 1, -1, -1]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 0], [5, 6, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]  # padding: a segment of its own
+    # A sequence's first label is never scored (nothing in it predicts its first token): IGNORE, as collate leaves it unread.
+    assert batch["labels"].tolist() == [[I, I, 3, 4], [I, 8, 9, I], [I, 6, I, I]]
+    wide = data.pack(sequences, width=9)  # one row (FlashAttention's varlen layout)
+    assert wide["sequence"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 1, 1]]
+    assert wide["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+
+
+def packed_model(kind):
+    """A tiny randomly initialised model of a type in PADDING_FREE_MODELS (or OPT, which is not)."""
+    import transformers
+
+    kw = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0)
+    configs = {
+        "llama": transformers.LlamaConfig(**kw), "mistral": transformers.MistralConfig(**kw, sliding_window=8),
+        "mixtral": transformers.MixtralConfig(**kw, num_local_experts=4), "qwen2": transformers.Qwen2Config(**kw),
+        "qwen2_moe": transformers.Qwen2MoeConfig(**kw, num_experts=4, moe_intermediate_size=16,
+                                                 shared_expert_intermediate_size=16),
+        "qwen3": transformers.Qwen3Config(**kw, head_dim=8),
+        "qwen3_moe": transformers.Qwen3MoeConfig(**kw, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=16),
+        "phi3": transformers.Phi3Config(**kw), "phi": transformers.PhiConfig(**kw),
+        "gemma": transformers.GemmaConfig(**kw, head_dim=8),
+        "gemma2": transformers.Gemma2Config(**kw, head_dim=8, sliding_window=8),
+        "gemma3_text": transformers.Gemma3TextConfig(**kw, head_dim=8, sliding_window=8),
+        "olmo2": transformers.Olmo2Config(**kw), "smollm3": transformers.SmolLM3Config(**kw),
+        "gpt2": transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4),
+        "gpt_neox": transformers.GPTNeoXConfig(**kw),
+        "falcon": transformers.FalconConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "stablelm": transformers.StableLmConfig(**kw), "starcoder2": transformers.Starcoder2Config(**kw),
+        "granite": transformers.GraniteConfig(**kw), "cohere": transformers.CohereConfig(**kw),
+        "opt": transformers.OPTConfig(vocab_size=61, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                      num_attention_heads=4, word_embed_proj_dim=32, pad_token_id=0),
+    }
+    torch.manual_seed(0)
+    attention = "eager" if kind == "gemma2" else "sdpa"  # transformers refuses SDPA for Gemma-2
+    return transformers.AutoModelForCausalLM.from_config(configs[kind], attn_implementation=attention).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(logps.PADDING_FREE_MODELS) + ["opt"])
+def test_packed_rows_give_the_padded_log_probs_and_gradients(kind):
+    """Every model type that score() packs gives the padded batch's numbers; OPT, which takes its
+    positions from the attention mask, does not, which is why it is not in PADDING_FREE_MODELS."""
+    model = packed_model(kind)
+    generator = torch.Generator().manual_seed(2)
+    lengths = [(5, 7), (2, 2), (3, 11), (1, 1), (6, 9), (3, 3)]  # 12, 4, 14, 2, 15, 6 tokens: rows [15], [14], [12, 2], [6, 4]
+    prompts = [torch.randint(1, 61, (p,), generator=generator).tolist() for p, _ in lengths]
+    responses = [torch.randint(1, 61, (r,), generator=generator).tolist() for _, r in lengths]
+    params = [p for p in model.parameters() if p.requires_grad]
+    padded, tokens = logps.score(model, prompts, responses, 64, 64)
+    padded_grads = torch.autograd.grad(padded.sum(), params, allow_unused=True)
+    packed, packed_tokens = logps.score(model, prompts, responses, 64, 64, padding_free=True)
+    packed_grads = torch.autograd.grad(packed.sum(), params, allow_unused=True)
+    assert tokens.tolist() == packed_tokens.tolist() == [7, 2, 11, 1, 9, 3]
+    if kind == "opt":
+        assert not logps.packs(model)
+        logps.PADDING_FREE_MODELS.add("opt")
+        try:
+            packed, _ = logps.score(model, prompts, responses, 64, 64, padding_free=True)
+        finally:
+            logps.PADDING_FREE_MODELS.discard("opt")
+        assert (packed - padded).abs().max() > 1e-3
+        return
+    assert logps.packs(model)
+    assert torch.allclose(packed, padded, atol=2e-5)
+    assert all(a is None and b is None or torch.allclose(a, b, atol=2e-5) for a, b in zip(packed_grads, padded_grads))
+
+
+def test_flash_attention_gets_one_packed_row_which_gives_the_padded_log_probs(monkeypatch):
+    """FlashAttention finds packed sequences in the position ids of a one-row batch only: score() packs
+    one row for it. FlashAttention needs a GPU; here the row it would get goes through SDPA."""
+    model = packed_model("llama")
+    prompts, responses = [[5, 6, 7], [3, 4], [9]], [[8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    padded, _ = logps.score(model, prompts, responses, 64, 64)
+    batches = []
+    with monkeypatch.context() as m:
+        m.setattr(model.config, "_attn_implementation", "flash_attention_2")
+        m.setattr(logps, "batch_logps", lambda model, batch, bf16=False: batches.append(batch) or torch.zeros(3))
+        logps.score(model, prompts, responses, 64, 64, padding_free=True)
+    (batch,) = batches
+    assert batch["input_ids"].shape == (1, 7 + 4 + 4) and (batch["sequence"] >= 0).all()  # no padding at all
+    assert torch.allclose(logps.batch_logps(model, batch), padded, atol=2e-5)
