@@ -308,24 +308,17 @@ def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
 
 
 def pack(sequences: list[dict], width: int | None = None, pad_token_id: int = 0) -> dict:
-    """A padding-free batch: the sequences laid end to end in rows of `width` tokens (default: the
-    longest sequence, so that no row is wider than collate's), first fit, longest first; each sequence
-    restarts its position ids at 0, and whatever is left of a row is one more segment of padding. With
-    no attention mask, transformers reads the sequences off the position ids (a new one wherever they
-    do not go up by 1) and lets a token attend only to earlier tokens of its own sequence: the same
-    log-probs as collate's padded rows, on fewer, fuller rows. Returns input_ids, labels, position_ids
-    and sequence (R, width): which of `sequences` a token belongs to, -1 on padding."""
-    width = width or max(len(s["input_ids"]) for s in sequences)
-    rows, room = [], []  # the sequences in each row, the tokens left in it
-    for i in sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"])):
-        n = len(sequences[i]["input_ids"])
-        r = next((r for r, left in enumerate(room) if left >= n), None)
-        if r is None:
-            rows.append([])
-            room.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= n
+    """A padding-free batch: the sequences laid end to end in rows of `width` tokens, first fit, longest
+    first; each sequence restarts its position ids at 0, and whatever is left of a row is one more
+    segment, of padding. With no attention mask, transformers reads the sequences off the position ids
+    (a new one wherever they do not go up by 1) and lets a token attend only to earlier tokens of its
+    own sequence: the same log-probs as collate's padded rows, on fewer, fuller rows. The default width
+    is fullest_width's: the longest sequence's, or a little more where that saves rows.
+    Returns input_ids, labels, position_ids and sequence (R, width): which of `sequences` a token
+    belongs to, -1 on padding."""
+    lengths = [len(s["input_ids"]) for s in sequences]
+    width = width or fullest_width(lengths)
+    rows = first_fit(lengths, width)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (R, W)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, W)
     sequence = torch.full((len(rows), width), -1, dtype=torch.long)  # (R, W)
@@ -341,6 +334,36 @@ def pack(sequences: list[dict], width: int | None = None, pad_token_id: int = 0)
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding: a segment of its own
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence": sequence}
+
+
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` in rows of at most `width` tokens: longest first, each into the first row with room."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def fullest_width(lengths: list[int]) -> int:
+    """The row width for pack(): the longest length, or a little more where that saves rows. first_fit at
+    the longest length needs R rows; for each smaller number of rows the narrowest width that fits them
+    (a binary search up from sum / rows) is tried, and the width with the fewest slots (rows × width)
+    wins, the narrower on a tie. Not wider than that: SDPA's attention is dense within a row, and rows
+    twice as wide measured slower (benchmarks/padding.py, docs/performance.md)."""
+    longest, total = max(lengths), sum(lengths)
+    best = (len(first_fit(lengths, longest)) * longest, longest)
+    for count in range(-(-total // longest), best[0] // longest):
+        low, high = max(longest, -(-total // count)), total
+        while low < high:  # the narrowest width that first_fit fits in `count` rows
+            middle = (low + high) // 2
+            low, high = (low, middle) if len(first_fit(lengths, middle)) <= count else (middle + 1, high)
+        best = min(best, (count * low, low))
+    return best[1]
 
 
 GROUP_WINDOW = 50  # steps' worth of shuffled pairs sorted together (Hugging Face Trainer's megabatch is 50 batches)

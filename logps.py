@@ -200,55 +200,82 @@ class TokenLogps(torch.autograd.Function):
 
 class FusedTokenLogps(torch.autograd.Function):
     """log p(target) for N hidden states (N, H) through a linear head (weight (V, H), bias (V,) or
-    None), CHUNK_BYTES of float32 logits at a time: the head and the log-softmax fused, so that the
-    (N, V) logits never exist. Forward keeps the hidden states and logsumexp (N,); backward makes
-    each chunk's logits again and gives, with d = g·(onehot(target) − softmax) (rows, V):
+    None), a tile of float32 logits at a time: the head and the log-softmax fused, so that the (N, V)
+    logits never exist. The vocabulary is taken a block of rows of the weight at a time (every
+    position against a block, as many positions at once as CHUNK_BYTES of float32 logits allow), the
+    logsumexp carried from block to block; forward keeps the hidden states and logsumexp (N,).
+    Backward makes each tile's logits again and gives, with d = g·(onehot(target) − softmax):
 
-        dL/dhidden = d @ W        dL/dW = dᵀ @ hidden        dL/dbias = Σ_rows d
+        dL/dhidden = Σ_blocks d @ W_block        dL/dW_block = dᵀ @ hidden        dL/dbias_block = Σ_rows d
 
+    so each block of the weight's gradient is made once, in the weight's dtype, with no (V, H) float32
+    accumulator; each block of the weight is read once per pass while all positions fit in a tile.
     The weight is read from the head module when backward runs, not saved by forward: under
-    DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls
-    run in the hidden states' dtype (bf16 under autocast, like nn.Linear's), the softmax in float32."""
+    DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls run
+    in the hidden states' dtype (bf16 under autocast, like nn.Linear's), the softmax in float32."""
 
-    CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once (backward's peak holds about one chunk)
+    CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once (a tile)
+    MIN_BLOCK = 4096  # vocabulary entries per block at least, however many positions: rows are cut instead
+
+    @staticmethod
+    def tiles(n: int, v: int) -> tuple[int, int]:
+        """(positions, vocabulary entries) per tile."""
+        block = min(v, max(FusedTokenLogps.MIN_BLOCK, FusedTokenLogps.CHUNK_BYTES // (4 * n)))
+        return max(1, min(n, FusedTokenLogps.CHUNK_BYTES // (4 * block))), block
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head):
-        rows = max(1, FusedTokenLogps.CHUNK_BYTES // (4 * weight.shape[0]))
-        w = weight.to(hidden.dtype)
-        b = bias.to(hidden.dtype) if bias is not None else None
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
-        token_logps = torch.empty_like(lse)  # (N,)
-        for start in range(0, hidden.shape[0], rows):
-            logits = torch.nn.functional.linear(hidden[start:start + rows], w, b).float()  # (rows, V)
-            lse[start:start + rows] = logits.logsumexp(dim=-1)
-            token_logps[start:start + rows] = logits.gather(1, targets[start:start + rows, None]).squeeze(1) \
-                - lse[start:start + rows]
+        n, v = hidden.shape[0], weight.shape[0]
+        rows, block = FusedTokenLogps.tiles(n, v)
+        lse = torch.full((n,), -torch.inf, dtype=torch.float32, device=hidden.device)  # (N,)
+        target_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # (N,)
+        for c in range(0, v, block):
+            w = weight[c:c + block].to(hidden.dtype)  # (block, H)
+            b = bias[c:c + block].to(hidden.dtype) if bias is not None else None
+            for r in range(0, n, rows):
+                logits = torch.nn.functional.linear(hidden[r:r + rows], w, b).float()  # (rows, block)
+                lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], logits.logsumexp(dim=-1))
+                i, j = _in_block(targets[r:r + rows], c, logits.shape[1])
+                target_logit[r + i] = logits[i, j]
         ctx.save_for_backward(hidden, targets, lse)
-        ctx.head, ctx.rows = head, rows
-        return token_logps
+        ctx.head = head
+        return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad):  # grad: (N,)
         hidden, targets, lse = ctx.saved_tensors
         weight, bias = ctx.head.weight, ctx.head.bias  # gathered now, under ZeRO-3
-        w = weight.to(hidden.dtype)
-        b = bias.to(hidden.dtype) if bias is not None else None
-        grad_hidden = torch.empty_like(hidden)  # (N, H)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) \
-            if ctx.needs_input_grad[1] else None  # (V, H)
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
-        for start in range(0, hidden.shape[0], ctx.rows):
-            end = start + ctx.rows
-            g = grad[start:end, None].float()  # (rows, 1)
-            d = torch.nn.functional.linear(hidden[start:end], w, b).float()  # (rows, V), this function's own
-            d.sub_(lse[start:end, None]).exp_().mul_(-g)  # in place: −g·softmax
-            d.scatter_add_(1, targets[start:end, None], g)  # (rows, V): g·(onehot − softmax)
-            grad_hidden[start:end] = d.to(hidden.dtype) @ w
+        n, v = hidden.shape[0], weight.shape[0]
+        rows, block = FusedTokenLogps.tiles(n, v)
+        grad = grad.float()
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (N, H)
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (V, H)
+        grad_bias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
+        for c in range(0, v, block):
+            w = weight[c:c + block].to(hidden.dtype)  # (block, H)
+            b = bias[c:c + block].to(hidden.dtype) if bias is not None else None
+            block_weight = block_bias = 0
+            for r in range(0, n, rows):
+                g = grad[r:r + rows, None]  # (rows, 1)
+                d = torch.nn.functional.linear(hidden[r:r + rows], w, b).float()  # (rows, block), this function's own
+                d.sub_(lse[r:r + rows, None]).exp_().mul_(-g)  # in place: −g·softmax
+                i, j = _in_block(targets[r:r + rows], c, d.shape[1])
+                d[i, j] += g[i, 0]  # (rows, block): g·(onehot − softmax)
+                grad_hidden[r:r + rows] += d.to(hidden.dtype) @ w
+                if grad_weight is not None:
+                    part = d.t().to(hidden.dtype) @ hidden[r:r + rows]  # (block, H)
+                    block_weight = part if rows >= n else part.float() + block_weight  # float32 over row tiles
+                if grad_bias is not None:
+                    block_bias = d.sum(dim=0) + block_bias
             if grad_weight is not None:
-                grad_weight.addmm_(d.t(), hidden[start:end].float())
+                grad_weight[c:c + block] = block_weight
             if grad_bias is not None:
-                grad_bias += d.sum(dim=0)
-        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None)
+                grad_bias[c:c + block] = block_bias
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
+
+
+def _in_block(targets, start: int, width: int):
+    """(rows, columns) of the targets that fall in the vocabulary block [start, start + width)."""
+    local = targets - start
+    i = ((local >= 0) & (local < width)).nonzero().squeeze(1)
+    return i, local[i]

@@ -23,7 +23,7 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     global_batch_size=None,  # set: derives gradient_accumulation_steps from the number of GPUs
     warmup_ratio=0.1,
     max_grad_norm=1.0,  # Hugging Face Trainer's default, which the official code runs under
-    group_by_length=True,  # optimizer steps of similar-length pairs: less padding (data.grouped_by_length)
+    group_by_length=False,  # random optimizer steps, as the paper's; on: similar-length pairs (data.grouped_by_length)
     padding_free=True,  # each forward's sequences packed into rows without padding where the model allows (data.pack)
     max_length=1024,
     max_prompt_length=512,
@@ -105,7 +105,6 @@ RECIPES = {
         max_length=48,
         max_prompt_length=32,
         max_new_tokens=16,  # the longest valid answer, "99+99=198</s>", is 10 tokens
-        group_by_length=False,  # every toy pair is about as long as the next: random steps, as the paper's
         padding_free=False,  # padded rows: the README's toy table, digit for digit, as before packing existed
         generation_batch_size=500,
     ),

@@ -103,7 +103,7 @@ def global_batch(args) -> int:
 def batches(pairs: list[dict], iteration: int, args):
     """(epoch, the pairs of one optimizer step over all ranks), in the order training sees them. The
     order is a function of (seed, iteration, epoch): a resumed run sees the same batches. With
-    --group_by_length (the default) a step's pairs have similar lengths (data.grouped_by_length)."""
+    --group_by_length a step's pairs have similar lengths (data.grouped_by_length)."""
     size = global_batch(args)
     for epoch in range(args.num_train_epochs):
         generator = torch.Generator().manual_seed(data.seed(args.seed, "order", iteration, epoch=epoch))

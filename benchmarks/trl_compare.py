@@ -84,7 +84,8 @@ def spin_args(sizes: dict, tokenizer, batch: int) -> Namespace:
                      num_train_epochs=1, warmup_ratio=0.1, max_grad_norm=1.0, max_length=sizes["max_length"],
                      max_prompt_length=sizes["max_length"], beta=BETA, loss_type="logistic", bf16=False,
                      gradient_checkpointing=False, seed=0, quiet=True, save_steps=10**9, deepspeed=None,
-                     group_by_length=False)  # random steps, as TRL's sampler: the comparison is of the step itself
+                     group_by_length=False,  # random steps, as TRL's sampler: the comparison is of the step itself
+                     padding_free=True)  # spin.py's default (TRL's padding_free needs FlashAttention: not on a CPU)
 
 
 def run_spin(model, opponent, tokenizer, rows: list[dict], sizes: dict, batch: int, out: Path) -> list[dict]:

@@ -26,7 +26,8 @@ SMALL = ["--max_samples", "200", "--per_device_train_batch_size", "32", "--gener
 def eval_args(pad_token_id, **overrides):
     return Namespace(**{**dict(max_new_tokens=12, greedy=False, temperature=1.0, top_p=1.0, generation_batch_size=7,
                                seed=3, quiet=True, per_device_train_batch_size=5, max_prompt_length=32, max_length=48,
-                               pad_token_id=pad_token_id, bf16=False, beta=0.7, loss_type="logistic"), **overrides})
+                               pad_token_id=pad_token_id, bf16=False, beta=0.7, loss_type="logistic", padding_free=True),
+                         **overrides})
 
 
 def logp_one_by_one(model, prompt_ids, response_ids):

@@ -44,10 +44,14 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_each_completed_iteration_is_one_commit_with_its_model_card_and_the_plot(small_sft_model, tmp_path, hub):
+    """Iteration 0 run without --push_to_hub; the run extended to 2 iterations with it pushes iteration 0
+    first (complete, not pushed), then iteration 1 when it completes; a third start pushes nothing."""
     run = tmp_path / "run"
-    argv = toy_run(small_sft_model, run, *SMALL, "--push_to_hub", "--hub_model_id", "me/spin-toy")
-    assert spin.cli(argv) == 0
-    assert hub.calls[0] == ("create_repo", "me/spin-toy", False)  # before anything was written
+    argv = toy_run(small_sft_model, run, *SMALL)
+    assert spin.cli(argv + ["--iters", "1"]) == 0
+    assert hub.calls == []
+    assert spin.cli(argv + ["--push_to_hub", "--hub_model_id", "me/spin-toy"]) == 0
+    assert hub.calls[0] == ("create_repo", "me/spin-toy", True)  # at start-up, before the push of iteration 0
     commits = [c for c in hub.calls if c[0] == "create_commit"]
     assert [c[3].split(":")[0] for c in commits] == ["SPIN iteration 0", "SPIN iteration 1"]
     for t, (_, repo, files, _) in enumerate(commits):
@@ -63,14 +67,6 @@ def test_each_completed_iteration_is_one_commit_with_its_model_card_and_the_plot
     branches = [c for c in hub.calls if c[0] == "create_branch"]
     assert [(b[2], b[3]) for b in branches] == [("iter0", f"{2:040x}"), ("iter1", f"{4:040x}")]  # each at its commit
     assert read_jsonl(run / "iter1" / "pushed.json")[0]["commit"] == f"{4:040x}"
-
-
-def test_a_rerun_pushes_the_complete_iterations_that_were_not_pushed(small_sft_model, tmp_path, hub):
-    run = tmp_path / "run"
-    argv = toy_run(small_sft_model, run, *SMALL)
-    assert spin.cli(argv) == 0  # without --push_to_hub
-    assert spin.cli(argv + ["--push_to_hub", "--hub_model_id", "me/spin-toy"]) == 0  # nothing to train; both pushed
-    assert [c[3].split(":")[0] for c in hub.calls if c[0] == "create_commit"] == ["SPIN iteration 0", "SPIN iteration 1"]
     assert spin.cli(argv + ["--push_to_hub", "--hub_model_id", "me/spin-toy"]) == 0
     assert len([c for c in hub.calls if c[0] == "create_commit"]) == 2  # already pushed: not again
 

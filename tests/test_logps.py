@@ -75,7 +75,8 @@ def tiny_model(kind, vocab):
 
 @pytest.mark.parametrize("kind", ["mistral", "llama", "gpt2", "gemma2"])
 def test_batch_logps_equals_the_full_forward_and_its_gradient(kind, monkeypatch):
-    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", 4 * 61 * 5)  # 5 positions per chunk: 5 chunks
+    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", 4 * 19 * 16)  # tiles of 19 positions x 16 entries:
+    monkeypatch.setattr(logps.FusedTokenLogps, "MIN_BLOCK", 16)  # 2 x 4 tiles for the 24 positions x 61 entries
     model = tiny_model(kind, vocab=61)
     generator = torch.Generator().manual_seed(2)
     sequences = [data.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
@@ -98,9 +99,20 @@ def test_batch_logps_equals_the_full_forward_and_its_gradient(kind, monkeypatch)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean_grads, full_grads))
 
 
+TILES = {  # (CHUNK_BYTES, MIN_BLOCK) -> tiles of 11 positions x 40 vocabulary entries
+    "3 positions x all 40": (4 * 3 * 40, 4096),  # row tiles, a ragged last
+    "all 11 positions x 7": (4 * 11 * 7, 7),  # vocabulary blocks, a ragged last (40 = 5 x 7 + 5)
+    "3 positions x 7": (4 * 3 * 7, 7),  # both: the weight's gradient summed over row tiles
+}
+
+
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_fused_head_gives_autograds_values_and_gradients_chunk_by_chunk(bias, monkeypatch):
-    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", 4 * 40 * 3)  # 3 rows per chunk, a ragged last
+def test_the_fused_head_gives_autograds_values_and_gradients_tile_by_tile(bias, tiles, monkeypatch):
+    monkeypatch.setattr(logps.FusedTokenLogps, "CHUNK_BYTES", TILES[tiles][0])
+    monkeypatch.setattr(logps.FusedTokenLogps, "MIN_BLOCK", TILES[tiles][1])
+    assert logps.FusedTokenLogps.tiles(11, 40) == {"3 positions x all 40": (3, 40), "all 11 positions x 7": (11, 7),
+                                                   "3 positions x 7": (3, 7)}[tiles]
     generator = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(16, 40, bias=bias).double()  # float64: the comparison is exact to 1e-10
     hidden = torch.randn(11, 16, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -142,6 +154,9 @@ def test_pack_lays_sequences_end_to_end_and_restarts_their_positions():
     wide = data.pack(sequences, width=9)  # one row (FlashAttention's varlen layout)
     assert wide["sequence"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 1, 1]]
     assert wide["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    # Rows as wide as the longest sequence need 4 rows here (20 slots); one token wider, 3 rows do (18 slots).
+    assert data.first_fit([5, 3, 3, 3], 5) == [[0], [1], [2], [3]] and data.fullest_width([5, 3, 3, 3]) == 6
+    assert data.first_fit([5, 3, 3, 3], 6) == [[0], [1, 2], [3]]
 
 
 def packed_model(kind):

@@ -32,9 +32,10 @@ def run_to_end(model, run, *extra):
 
 def kill_when(model, run, ready, timeout=240, sig=signal.SIGKILL, extra=()):
     """Start a run, send it `sig` as soon as ready(run) holds; return (exit status, stderr) once it
-    has ended, or None when it ended before ready(run) held."""
-    with open(run.with_name(run.name + ".stderr"), "w+") as stderr:
-        process = subprocess.Popen(command(model, run, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    has ended, or None when it ended before ready(run) held. Its stdout, unbuffered, is in <run>.stdout."""
+    with open(run.with_name(run.name + ".stderr"), "w+") as stderr, open(run.with_name(run.name + ".stdout"), "w") as out:
+        process = subprocess.Popen(command(model, run, *extra), env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                   stderr=stderr)
         deadline = time.time() + timeout
         while process.poll() is None and time.time() < deadline:
             if ready(run):
@@ -51,12 +52,12 @@ def lines(path):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-KILL_POINTS = {  # where the kill lands, as seen from the run directory
+KILL_POINTS = {  # where the kills land, in the order a run reaches them, as seen from the run directory
     "during generation": lambda run: lines(run / "iter0" / "generated.rank0.jsonl") >= 3,
-    "during the opponent log-prob pass": lambda run: (run / "iter1" / "synthetic.jsonl").exists()
-    and not (run / "iter1" / "opponent_logps.jsonl").exists(),
     "mid-training": lambda run: (run / "iter0" / "checkpoint").exists(),
     "between iterations": lambda run: (run / "iter0" / "complete.json").exists(),
+    "during the opponent log-prob pass": lambda run: (run / "iter1" / "synthetic.jsonl").exists()
+    and not (run / "iter1" / "opponent_logps.jsonl").exists(),
 }
 
 
@@ -67,16 +68,22 @@ def reference(small_sft_model, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_a_killed_run_resumes_to_the_same_weights_and_data(small_sft_model, reference, tmp_path, point):
+def test_a_run_killed_at_every_stage_resumes_each_time_to_the_same_weights_and_data(small_sft_model, reference,
+                                                                                   tmp_path):
+    """SIGKILL at each of KILL_POINTS in turn: one run killed four times, each time started again by the
+    same command, ends bit for bit where the uninterrupted run does."""
     run = tmp_path / "run"
-    assert kill_when(small_sft_model, run, KILL_POINTS[point]) is not None, f"the run ended before the kill point: {point}"
-    assert not (run / "iter1" / "complete.json").exists()
+    said = {}  # what the start killed at each point had printed
+    for point, ready in KILL_POINTS.items():
+        assert kill_when(small_sft_model, run, ready) is not None, f"the run ended before the kill point: {point}"
+        said[point] = run.with_name("run.stdout").read_text()
+        assert not (run / "iter1" / "complete.json").exists()
     stdout = run_to_end(small_sft_model, run)  # the same command again
-    if point == "during generation":
-        assert "generated responses in" in stdout and "sampling the rest" in stdout
-    if point == "mid-training":
-        assert "resuming training at step" in stdout and "reusing the opponent log-probs" in stdout
+    # The start after the kill during generation kept the whole batches; the one after the mid-training kill resumed there.
+    assert "generated responses in" in said["mid-training"] and "sampling the rest" in said["mid-training"]
+    assert "resuming training at step" in said["between iterations"]
+    assert "reusing the opponent log-probs" in said["between iterations"]
+    assert "iterations 0..0 are complete" in stdout  # the last kill came in iteration 1
     for t in range(2):
         rows = read_jsonl(run / f"iter{t}" / "synthetic.jsonl")
         assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 96  # each once
