@@ -149,6 +149,7 @@ def spin_flags(start: Path, paths: dict, heldout: str, lr: float, seed: int, ite
             "--max_prompt_length", str(MAX_PROMPT), "--max_length", str(MAX_LENGTH),
             "--max_new_tokens", str(s["max_new_tokens"]), "--generation_batch_size", "64", "--quiet",
             "--no-group_by_length",  # shuffled steps, as continued SFT's: the two differ in the loss only
+            "--no-padding_free",  # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
             "--output_dir", str(out)]
 
 

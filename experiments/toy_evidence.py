@@ -44,7 +44,8 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
                "--learning_rate", str(lr), "--seed", str(seed), "--quiet", "--output_dir", str(out),
                "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "16",
                "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH),
-               "--no-group_by_length"])  # shuffled steps, as continued SFT's
+               "--no-group_by_length",  # shuffled steps, as continued SFT's
+               "--no-padding_free"])  # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
     results = []
     for t in range(iters):
         row = json.loads((out / f"iter{t}" / "complete.json").read_text())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import logps
 import models
 import spin
 from conftest import read_jsonl, toy_run
@@ -142,7 +143,7 @@ def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run, sm
     assert all(len(p["generated_ids"]) == limit for p in pairs if not p["ended"])
 
 
-def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass(smollm2_run):
+def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_pass_padded_or_packed(smollm2_run):
     from transformers import AutoModelForCausalLM
 
     pairs = read_jsonl(smollm2_run / "iter0" / "synthetic.jsonl")
@@ -157,6 +158,16 @@ def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_p
             n = len(p["prompt_ids"])
             expected = sum(logprobs[i - 1, ids[0, i]].item() for i in range(n, ids.shape[1]))
             assert stored[p["id"]][name] == pytest.approx(expected, abs=2e-3)
+    # The scoring path packed without padding (the default, though this run kept padded rows) gives the padded numbers.
+    prompts, replies = [p["prompt_ids"] for p in pairs for _ in (0, 1)], [p[k] for p in pairs for k in ("real_ids", "generated_ids")]
+    assert logps.packs(model) and len(data.pack([data.build_sequence(x, y, 128, 192) for x, y in zip(prompts, replies)])
+                                      ["input_ids"]) < len(prompts)  # fewer rows than sequences: really packed
+    with torch.no_grad():
+        padded, _ = logps.score(model, prompts, replies, 128, 192)
+        packed, _ = logps.score(model, prompts, replies, 128, 192, padding_free=True)
+    assert torch.allclose(packed, padded, atol=1e-4)
+    assert padded.tolist()[:2] == pytest.approx([stored[pairs[0]["id"]]["opponent_real_logp"],
+                                                 stored[pairs[0]["id"]]["opponent_generated_logp"]], abs=2e-3)
 
 
 def test_a_real_chat_models_checkpoints_load_and_answer(smollm2_run):
