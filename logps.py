@@ -1,4 +1,4 @@
-"""log p(y|x) of a causal LM on a collated batch, without the (B, T, V) logits a forward makes.
+"""log p(y|x) of a causal LM on a batch of sequences, without the (B, T, V) logits a forward makes.
 
 A model's forward computes (B, T, V) logits: every position, every vocabulary entry. SPIN needs
 only log p(target) where a response token is predicted (loss.sequence_logps drops the rest). Here
@@ -8,18 +8,22 @@ on the model's output embedding, so prompt and padding positions never get logit
     hidden (B, T, H)  --select N response positions-->  (1, N, H)  --lm_head-->  ...
 
 and then, on models whose head is a plain linear layer whose logits the model returns untouched
-(FUSED_HEAD_MODELS), the head itself computes log p(target) a chunk of positions at a time
-(FusedTokenLogps): a chunk's logits are made from the hidden states in float32, reduced to
-logsumexp and the target's logit, and dropped; backward makes them again, chunk by chunk. No
-(N, V) tensor exists at any moment. Models that change the logits after the head (Gemma-2's
-soft-capping, Cohere's logit_scale, ...) take the other path: the head computes the (N, V) logits
-and TokenLogps reduces them in chunks, with its own backward.
+(FUSED_HEAD_MODELS), the head itself computes log p(target) a tile at a time (FusedTokenLogps):
+the positions against a block of the vocabulary, the tile's logits made from the hidden states,
+reduced in float32 to a running logsumexp and the target's logit, and dropped; backward makes
+them again, tile by tile. No (N, V) tensor exists at any moment. Models that change the logits
+after the head (Gemma-2's soft-capping, Cohere's logit_scale, ...) take the other path: the head
+computes the (N, V) logits and TokenLogps reduces them in chunks, with its own backward.
 
 Either way the model's own forward calls the head module, so DeepSpeed ZeRO-3 gathers the head's
 weight for forward and again for backward, as for any layer, and the gradient reaches its partition
 through autograd as nn.Linear's does. Every function here gives the numbers of
 loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py, tests/test_zero3.py).
 SPIN_FUSED_HEAD=0 turns the fused path off (benchmarks, comparisons).
+
+The batch's rows are either padded, one sequence each (data.collate), or packed, several
+sequences end to end with no padding between them (data.pack, score(padding_free=True)) on the
+model types in PADDING_FREE_MODELS.
 """
 import os
 

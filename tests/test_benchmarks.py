@@ -43,9 +43,9 @@ def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
     result = subprocess.run([sys.executable, "benchmarks/trl_compare.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "agree to 1e-5: yes" in result.stdout
+    assert "agree to 1e-06: yes" in result.stdout and "agree to 1e-04: yes" in result.stdout
     diffs = [float(line.split("|diff|")[1]) for line in result.stdout.splitlines() if "|diff|" in line]
-    assert len(diffs) == 3 and max(diffs) < 1e-5
+    assert len(diffs) == 6 and max(diffs[:3]) < 1e-6 and max(diffs[3:]) < 1e-4  # the exact path, then the default
     assert all(f"\n| {v} |" in result.stdout for v in ("spin", "trl", "trl_precompute"))
 
 
