@@ -43,7 +43,8 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
     sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
     if padding_free and packs(model):
         # FlashAttention finds the sequences in the position ids of a batch of ONE row only (varlen); SDPA and
-        # eager get a block-diagonal mask per row, as wide as the longest sequence (attention is dense within a row).
+        # eager get a block-diagonal mask per row, rows about as wide as the longest sequence (data.fullest_width:
+        # attention is dense within a row).
         one_row = str(getattr(_config(model), "_attn_implementation", "")).startswith("flash")
         batch = data.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
     else:
