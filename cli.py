@@ -71,10 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
                    help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
     g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
-                   help="each optimizer step takes pairs of similar length (data.grouped_by_length): less padding "
+                   help="each optimizer step takes pairs of similar length (batching.grouped_by_length): less padding "
                    "where --padding_free cannot pack; default: off (random steps, as the paper's)")
     g.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack each forward's sequences into rows without padding (data.pack; models in "
+                   help="pack each forward's sequences into rows without padding (batching.pack; models in "
                    "logps.PADDING_FREE_MODELS, any attention implementation); default: on, except in the toy recipe")
     g = p.add_argument_group("generation (the opponent's samples)")
     g.add_argument("--max_new_tokens", type=int)

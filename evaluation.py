@@ -57,7 +57,7 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], args, desc: str) -> list[tuple[float, int]]:
-    """(log p(response|prompt), scored tokens) for each pair, cut as in training (data.build_sequence)."""
+    """(log p(response|prompt), scored tokens) for each pair, cut as in training (batching.build_sequence)."""
     return score_all(model, prompts, responses, args.per_device_train_batch_size, args.max_prompt_length,
                      args.max_length, args.bf16, desc, progress=not args.quiet, padding_free=args.padding_free)
 

@@ -21,34 +21,34 @@ through autograd as nn.Linear's does. Every function here gives the numbers of
 loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py, tests/test_zero3.py).
 SPIN_FUSED_HEAD=0 turns the fused path off (benchmarks, comparisons).
 
-The batch's rows are either padded, one sequence each (data.collate), or packed, several
-sequences end to end with no padding between them (data.pack, score(padding_free=True)) on the
+The batch's rows are either padded, one sequence each (batching.collate), or packed, several
+sequences end to end with no padding between them (batching.pack, score(padding_free=True)) on the
 model types in PADDING_FREE_MODELS.
 """
 import os
 
 import torch
 
-import data
+import batching
 from loss import IGNORE_INDEX
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int, max_length: int,
           bf16: bool = False, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
+    """(B,) log p(response|prompt) of a batch of id lists, cut as in training (batching.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
     training and evaluation. padding_free: the sequences packed into rows without padding
-    (data.pack) where the model reads sequences off position ids (packs(model)); otherwise padded."""
+    (batching.pack) where the model reads sequences off position ids (packs(model)); otherwise padded."""
     device = next(model.parameters()).device
-    sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
+    sequences = [batching.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
     if padding_free and packs(model):
         # FlashAttention finds the sequences in the position ids of a batch of ONE row only (varlen); SDPA and
-        # eager get a block-diagonal mask per row, rows about as wide as the longest sequence (data.fullest_width:
+        # eager get a block-diagonal mask per row, rows about as wide as the longest sequence (batching.fullest_width:
         # attention is dense within a row).
         one_row = str(getattr(_config(model), "_attn_implementation", "")).startswith("flash")
-        batch = data.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
+        batch = batching.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
     else:
-        batch = data.collate(sequences)
+        batch = batching.collate(sequences)
     tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
     return batch_logps(model, {k: v.to(device) for k, v in batch.items()}, bf16), tokens  # (B,), (B,)
 
@@ -94,13 +94,13 @@ PADDING_FREE_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwe
 
 
 def packs(model) -> bool:
-    """Whether score() may pack this model's batches without padding (data.pack)."""
+    """Whether score() may pack this model's batches without padding (batching.pack)."""
     return getattr(_config(model), "model_type", None) in PADDING_FREE_MODELS
 
 
 def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
-    """(S,) log p(y|x) of the S sequences of a batch from data.collate (input_ids, attention_mask,
-    labels: a sequence per row) or data.pack (input_ids, position_ids, labels, sequence: rows of
+    """(S,) log p(y|x) of the S sequences of a batch from batching.collate (input_ids, attention_mask,
+    labels: a sequence per row) or batching.pack (input_ids, position_ids, labels, sequence: rows of
     several sequences, which the position ids tell apart, and no attention mask)."""
     labels = batch["labels"]  # (B, T)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is a response token

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import backends
 import checkpoint
+import batching
 import data
 import distributed
 import evaluation
@@ -103,13 +104,13 @@ def global_batch(args) -> int:
 def batches(pairs: list[dict], iteration: int, args):
     """(epoch, the pairs of one optimizer step over all ranks), in the order training sees them. The
     order is a function of (seed, iteration, epoch): a resumed run sees the same batches. With
-    --group_by_length a step's pairs have similar lengths (data.grouped_by_length)."""
+    --group_by_length a step's pairs have similar lengths (batching.grouped_by_length)."""
     size = global_batch(args)
     for epoch in range(args.num_train_epochs):
         generator = torch.Generator().manual_seed(data.seed(args.seed, "order", iteration, epoch=epoch))
         order = torch.randperm(len(pairs), generator=generator).tolist()
         if args.group_by_length:
-            order = data.grouped_by_length(order, [data.pair_length(p, args.max_prompt_length, args.max_length) for p in pairs],
+            order = batching.grouped_by_length(order, [batching.pair_length(p, args.max_prompt_length, args.max_length) for p in pairs],
                                            size, generator)
         for start in range(0, len(order), size):
             yield epoch, [pairs[i] for i in order[start:start + size]]

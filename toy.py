@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import batching
 import data
 from logps import from_logits as sequence_logps
 
@@ -146,7 +147,7 @@ def sft(model, tokenizer, settings: dict) -> None:
     """Supervised fine-tuning: maximise the mean per-token log-likelihood of the human responses."""
     rows = make_rows("train", settings["num_prompts"], settings["seed"])
     chat = data.ChatFormat(tokenizer)
-    sequences = [data.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
+    sequences = [batching.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
                                      64, 128) for r in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["sft_learning_rate"])
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -154,7 +155,7 @@ def sft(model, tokenizer, settings: dict) -> None:
     start = time.time()
     for step in range(settings["sft_steps"]):
         index = torch.randint(len(sequences), (settings["sft_batch_size"],), generator=generator)
-        batch = data.collate([sequences[i] for i in index], tokenizer.pad_token_id)
+        batch = batching.collate([sequences[i] for i in index], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         num_tokens = (batch["labels"][:, 1:] != -100).sum()
         loss = -sequence_logps(logits, batch["labels"]).sum() / num_tokens
@@ -182,8 +183,8 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
         truth = p_data(row["messages"][-1]["content"])
         correct += gen["ended"] and gen["text"] in truth
         prompt_ids = chat.prompt_ids(row["messages"])
-        sequences = [data.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
-        batch = data.collate(sequences, tokenizer.pad_token_id)
+        sequences = [batching.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
+        batch = batching.collate(sequences, tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         p_model = sequence_logps(logits, batch["labels"].to(device)).exp().tolist()
         mass = sum(p_model)

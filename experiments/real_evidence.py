@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import batching  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import generate as gen  # noqa: E402
@@ -77,7 +78,7 @@ def split_data(s: dict, out: Path) -> dict[str, Path]:
 
 
 def sequences(chat: data.ChatFormat, rows: list[dict]) -> list[dict]:
-    return [data.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH) for r in rows]
+    return [batching.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH) for r in rows]
 
 
 def per_token_logp(model, chat: data.ChatFormat, rows: list[dict]) -> float:
@@ -113,7 +114,7 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
         losses = []
         order = torch.randperm(len(train), generator=generator).tolist()
         for i in range(0, len(order), BATCH):
-            batch = data.collate([train[j] for j in order[i:i + BATCH]])
+            batch = batching.collate([train[j] for j in order[i:i + BATCH]])
             loss = -batch_logps(model, batch).sum() / (batch["labels"][:, 1:] != -100).sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import checkpoint  # noqa: E402
+import batching  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import models  # noqa: E402
@@ -63,7 +64,7 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
     optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
     tokenizer, model = models.load_model(str(start))
     chat = data.ChatFormat(tokenizer)
-    sequences = [data.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in toy.make_rows("train")]
+    sequences = [batching.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in toy.make_rows("train")]
     sft = ContinuedSFT(model, sequences, BATCH, seed)
     results = []
     for total in steps:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import data
 import logps
 import models
@@ -160,7 +161,7 @@ def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_p
             assert stored[p["id"]][name] == pytest.approx(expected, abs=2e-3)
     # The scoring path packed without padding (the default, though this run kept padded rows) gives the padded numbers.
     prompts, replies = [p["prompt_ids"] for p in pairs for _ in (0, 1)], [p[k] for p in pairs for k in ("real_ids", "generated_ids")]
-    assert logps.packs(model) and len(data.pack([data.build_sequence(x, y, 128, 192) for x, y in zip(prompts, replies)])
+    assert logps.packs(model) and len(batching.pack([batching.build_sequence(x, y, 128, 192) for x, y in zip(prompts, replies)])
                                       ["input_ids"]) < len(prompts)  # fewer rows than sequences: really packed
     with torch.no_grad():
         padded, _ = logps.score(model, prompts, replies, 128, 192)

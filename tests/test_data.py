@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import batching
 import data
 from loss import IGNORE_INDEX
 
@@ -25,7 +26,7 @@ def test_labels_decode_to_exactly_the_response_plus_eos(tokenizer, turn, respons
     assert row["response"] == response
     assert row["messages"][0]["role"] == "system"  # the system prompt stays in the prompt
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids(row["messages"])
-    sequence = data.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"]), 512, 1024)
+    sequence = batching.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"]), 512, 1024)
     assert tokenizer.decode(labelled(sequence)) == response + tokenizer.eos_token
     assert sequence["input_ids"][: len(prompt_ids)] == prompt_ids  # the response follows the prompt ids
     # and the whole sequence is what the chat template renders for the full conversation
@@ -36,21 +37,21 @@ def test_labels_decode_to_exactly_the_response_plus_eos(tokenizer, turn, respons
 def test_a_cut_response_is_trained_without_eos(tokenizer):
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "12+34"}])
     response_ids = data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "12+34=46")
-    sequence = data.build_sequence(prompt_ids, response_ids, 512, len(prompt_ids) + 5)
+    sequence = batching.build_sequence(prompt_ids, response_ids, 512, len(prompt_ids) + 5)
     assert tokenizer.decode(labelled(sequence)) == "12+34"
     assert tokenizer.eos_token_id not in labelled(sequence)
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_keeps_the_assistant_header(tokenizer):
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "x" * 50}])
-    sequence = data.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "x" * 50}], "ok"), 8, 20)
+    sequence = batching.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "x" * 50}], "ok"), 8, 20)
     assert sequence["input_ids"][:8] == prompt_ids[-8:]
     assert tokenizer.decode(sequence["input_ids"][:8]).endswith("</s>\n<|assistant|>\n")
     assert tokenizer.decode(labelled(sequence)) == "ok</s>"
 
 
 def test_collate_pads_labels_with_ignore_index(tokenizer):
-    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+    batch = batching.collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
                           {"input_ids": [5], "labels": [IGNORE_INDEX]}], pad_token_id=3)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]

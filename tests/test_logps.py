@@ -4,7 +4,7 @@ the same values and gradients."""
 import pytest
 import torch
 
-import data
+import batching
 import logps
 import loss
 from logps import batch_logps
@@ -79,10 +79,10 @@ def test_batch_logps_equals_the_full_forward_and_its_gradient(kind, monkeypatch)
     monkeypatch.setattr(logps.FusedTokenLogps, "MIN_BLOCK", 16)  # 2 x 4 tiles for the 24 positions x 61 entries
     model = tiny_model(kind, vocab=61)
     generator = torch.Generator().manual_seed(2)
-    sequences = [data.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
+    sequences = [batching.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
                                      torch.randint(1, 61, (r,), generator=generator).tolist(), 64, 64)
                  for p, r in [(5, 7), (9, 2), (3, 11), (12, 4)]]
-    batch = data.collate(sequences, pad_token_id=0)
+    batch = batching.collate(sequences, pad_token_id=0)
     positions = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: positions.append(o.shape))
     full = loss.sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -131,8 +131,8 @@ def test_the_fused_head_gives_autograds_values_and_gradients_tile_by_tile(bias, 
 
 def test_the_fused_head_under_bf16_autocast_stays_near_float32_and_can_be_turned_off(monkeypatch):
     model = tiny_model("llama", vocab=61)
-    sequences = [data.build_sequence([5, 6, 7], [8, 9, 10, 11], 64, 64), data.build_sequence([3, 4], [12, 13], 64, 64)]
-    batch = data.collate(sequences)
+    sequences = [batching.build_sequence([5, 6, 7], [8, 9, 10, 11], 64, 64), batching.build_sequence([3, 4], [12, 13], 64, 64)]
+    batch = batching.collate(sequences)
     exact = batch_logps(model, batch)
     assert torch.allclose(batch_logps(model, batch, bf16=True), exact, atol=0.1)  # bf16 matmuls, float32 softmax
     monkeypatch.setenv("SPIN_FUSED_HEAD", "0")
@@ -144,19 +144,19 @@ def test_pack_lays_sequences_end_to_end_and_restarts_their_positions():
     I = loss.IGNORE_INDEX
     sequences = [{"input_ids": [1, 2, 3, 4], "labels": [I, I, 3, 4]}, {"input_ids": [5, 6], "labels": [9, 6]},
                  {"input_ids": [7, 8, 9], "labels": [I, 8, 9]}]
-    batch = data.pack(sequences, pad_token_id=0)
+    batch = batching.pack(sequences, pad_token_id=0)
     # Longest first, first fit, rows as wide as the longest sequence: [0] alone; [2] then [1]... no room: 3 + 2 > 4.
     assert batch["sequence"].tolist() == [[0, 0, 0, 0], [2, 2, 2, -1], [1, 1, -1, -1]]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 0], [5, 6, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]  # padding: a segment of its own
     # A sequence's first label is never scored (nothing in it predicts its first token): IGNORE, as collate leaves it unread.
     assert batch["labels"].tolist() == [[I, I, 3, 4], [I, 8, 9, I], [I, 6, I, I]]
-    wide = data.pack(sequences, width=9)  # one row (FlashAttention's varlen layout)
+    wide = batching.pack(sequences, width=9)  # one row (FlashAttention's varlen layout)
     assert wide["sequence"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 1, 1]]
     assert wide["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
     # Rows as wide as the longest sequence need 4 rows here (20 slots); one token wider, 3 rows do (18 slots).
-    assert data.first_fit([5, 3, 3, 3], 5) == [[0], [1], [2], [3]] and data.fullest_width([5, 3, 3, 3]) == 6
-    assert data.first_fit([5, 3, 3, 3], 6) == [[0], [1, 2], [3]]
+    assert batching.first_fit([5, 3, 3, 3], 5) == [[0], [1], [2], [3]] and batching.fullest_width([5, 3, 3, 3]) == 6
+    assert batching.first_fit([5, 3, 3, 3], 6) == [[0], [1, 2], [3]]
 
 
 def packed_model(kind):

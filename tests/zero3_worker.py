@@ -14,6 +14,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+import batching  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import distributed  # noqa: E402
@@ -46,7 +47,7 @@ with deepspeed.zero.GatheredParameters(list(params.values())):
         result = {"steps": len(history), "max_abs_diff": diff, "names": sorted(params) == sorted(saved),
                   "losses": [h["loss"] for h in history]}
 
-batch = data.collate([data.build_sequence(p["prompt_ids"], p["real_ids"], 32, 48) for p in pairs[:4]])
+batch = batching.collate([batching.build_sequence(p["prompt_ids"], p["real_ids"], 32, 48) for p in pairs[:4]])
 engine = trainer.policy
 assert logps.fused_head(engine)
 engine.backward(-logps.batch_logps(engine, batch).sum())

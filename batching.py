@@ -1,0 +1,125 @@
+"""Token sequences into tensors: what a forward pass gets, and which pairs share an optimizer step.
+
+A (prompt, response) pair of id lists becomes one sequence (build_sequence: input ids, and labels
+that are IGNORE_INDEX on the prompt). Prompts are cut from the left (the end, with the assistant
+header, is what the reply follows); replies are cut to fit max_length, and a reply that was cut is
+trained without its end-of-turn. A forward pass gets several sequences either
+
+  - padded (collate): a row per sequence, right-padded to the longest, with an attention mask; or
+  - packed (pack, --padding_free, the default where the model allows it: logps.PADDING_FREE_MODELS):
+    the sequences end to end in fewer, fuller rows, their position ids restarting at 0 and no
+    attention mask, so that transformers keeps each sequence to itself. No padding between them,
+    the same log-probs to float32 rounding.
+
+Which pairs share an optimizer step: a seeded shuffle (spin.batches), or with --group_by_length
+pairs of similar length (grouped_by_length), which pads less where sequences cannot be packed.
+"""
+import torch
+
+from loss import IGNORE_INDEX
+
+
+def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,
+                   max_length: int) -> dict:
+    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the response ids on it."""
+    prompt_ids = prompt_ids[-max_prompt_length:]  # from the left: keep the assistant header
+    response_ids = response_ids[: max_length - len(prompt_ids)]  # a cut response loses its EOS
+    return {"input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+
+
+def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
+    """Right-pad to the longest sequence; padding gets label IGNORE_INDEX and attention 0. Which id
+    pads does not matter: right padding comes after every real token, so causal attention never
+    lets a real position see it, and its own outputs are never scored."""
+    width = max(len(s["input_ids"]) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(sequences):
+        n = len(s["input_ids"])
+        input_ids[i, :n] = torch.tensor(s["input_ids"])
+        labels[i, :n] = torch.tensor(s["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(sequences: list[dict], width: int | None = None, pad_token_id: int = 0) -> dict:
+    """A padding-free batch: the sequences laid end to end in rows of `width` tokens, first fit, longest
+    first; each sequence restarts its position ids at 0, and whatever is left of a row is one more
+    segment, of padding. With no attention mask, transformers reads the sequences off the position ids
+    (a new one wherever they do not go up by 1) and lets a token attend only to earlier tokens of its
+    own sequence: the same log-probs as collate's padded rows, on fewer, fuller rows. The default width
+    is fullest_width's: the longest sequence's, or a little more where that saves rows.
+    Returns input_ids, labels, position_ids and sequence (R, width): which of `sequences` a token
+    belongs to, -1 on padding."""
+    lengths = [len(s["input_ids"]) for s in sequences]
+    width = width or fullest_width(lengths)
+    rows = first_fit(lengths, width)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (R, W)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, W)
+    sequence = torch.full((len(rows), width), -1, dtype=torch.long)  # (R, W)
+    position_ids = torch.empty((len(rows), width), dtype=torch.long)  # (R, W)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(sequences[i]["input_ids"])
+            input_ids[r, start:start + n] = torch.tensor(sequences[i]["input_ids"])
+            labels[r, start + 1:start + n] = torch.tensor(sequences[i]["labels"][1:])  # a first label is never scored
+            sequence[r, start:start + n] = i
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # the padding: a segment of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence": sequence}
+
+
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` in rows of at most `width` tokens: longest first, each into the first row with room."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def fullest_width(lengths: list[int]) -> int:
+    """The row width for pack(): the longest length, or a little more where that saves rows. first_fit at
+    the longest length needs R rows; for each smaller number of rows the narrowest width that fits them
+    (a binary search up from sum / rows) is tried, and the width with the fewest slots (rows × width)
+    wins, the narrower on a tie. Not wider than that: SDPA's attention is dense within a row, and rows
+    twice as wide measured slower (benchmarks/padding.py, docs/performance.md)."""
+    longest, total = max(lengths), sum(lengths)
+    best = (len(first_fit(lengths, longest)) * longest, longest)
+    for count in range(-(-total // longest), best[0] // longest):
+        low, high = max(longest, -(-total // count)), total
+        while low < high:  # the narrowest width that first_fit fits in `count` rows
+            middle = (low + high) // 2
+            low, high = (low, middle) if len(first_fit(lengths, middle)) <= count else (middle + 1, high)
+        best = min(best, (count * low, low))
+    return best[1]
+
+
+GROUP_WINDOW = 50  # steps' worth of shuffled pairs sorted together (Hugging Face Trainer's megabatch is 50 batches)
+
+
+def grouped_by_length(order: list[int], lengths: list[int], size: int, generator) -> list[int]:
+    """The shuffled `order`, cut into windows of GROUP_WINDOW steps; each window sorted by length and
+    cut into steps of `size` pairs, whose order within the window is shuffled again. A batch is padded
+    to its longest sequence, so similar lengths in a step leave little padding; which pairs share a
+    step is still random from iteration to iteration and epoch to epoch (docs/differences.md)."""
+    out = []
+    for start in range(0, len(order), GROUP_WINDOW * size):
+        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: -lengths[i])
+        steps = [window[k:k + size] for k in range(0, len(window), size)]
+        out += [i for k in torch.randperm(len(steps), generator=generator).tolist() for i in steps[k]]
+    return out
+
+
+def pair_length(pair: dict, max_prompt_length: int, max_length: int) -> int:
+    """Tokens of a pair's longer sequence, prompt + y or prompt + y', as build_sequence cuts them."""
+    prompt = min(len(pair["prompt_ids"]), max_prompt_length)
+    return min(max_length, prompt + max(len(pair["real_ids"]), len(pair["generated_ids"])))
