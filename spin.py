@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 import backends
-import checkpoint
 import batching
+import checkpoint
 import data
 import distributed
 import evaluation
@@ -43,10 +43,10 @@ import preemption
 import toy
 from cli import UsageError, parse_args
 from distributed import print0
-from models import ModelError, go_offline_if_hub_unreachable, load_model
-from report import Report
 from logps import score, score_all
 from loss import spin_loss
+from models import ModelError, go_offline_if_hub_unreachable, load_model
+from report import Report
 
 
 class TrainingDiverged(RuntimeError):

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-import batching  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import generate as gen  # noqa: E402

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import checkpoint  # noqa: E402
 import batching  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import models  # noqa: E402
