@@ -352,6 +352,7 @@ def main(argv=None) -> None:
         previous = pairs
     report.finish()
     checkpoint.unlock()
+    distributed.teardown()
 
 
 def opponent(path: Path, args):
