@@ -128,18 +128,15 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
         handle.remove()
         if fused:
             del head.forward
+    # (N,) log p of each response token; unfused, from logits that are this function's own (backward
+    # may write their gradient over them).
+    token_logps = out[0, :, 0].float() if fused else TokenLogps.apply(out[0], targets, True)
     if packed:
-        # The logits are this function's own: backward may write their gradient over them.
-        token_logps = out[0, :, 0].float() if fused else TokenLogps.apply(out[0], targets, True)  # (N,)
         owner = batch["sequence"][:, 1:][mask]  # (N,): the sequence each response token belongs to
         sums = torch.zeros(int(batch["sequence"].max()) + 1, dtype=torch.float32, device=labels.device)  # (S,)
         return sums.index_add(0, owner, token_logps)
-    if fused:
-        token_logps = out[0, :, 0].float()  # (N,)
-        per_position = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)  # (B, T-1)
-        return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,)
-    # The logits are this function's own: backward may write their gradient over them.
-    return response_logps(out[0], targets, mask, overwrite=True)  # (1, N, V) -> (B,)
+    per_position = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)  # (B, T-1)
+    return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,): a row per sequence
 
 
 def from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

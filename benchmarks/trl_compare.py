@@ -153,7 +153,10 @@ def agreement(sizes: dict, work: Path) -> dict:
             ours = run_spin(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, work / f"spin-check-{path}",
                             padding_free)[0]
         finally:
-            os.environ.pop("SPIN_FUSED_HEAD") if fused is None else os.environ.update(SPIN_FUSED_HEAD=fused)
+            if fused is None:
+                del os.environ["SPIN_FUSED_HEAD"]
+            else:
+                os.environ["SPIN_FUSED_HEAD"] = fused
         out[path] = {"loss": (ours["loss"], theirs["loss"]),
                      "real_reward": (ours["real_reward"], theirs["rewards/chosen"]),
                      "generated_reward": (ours["generated_reward"], theirs["rewards/rejected"])}
