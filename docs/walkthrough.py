@@ -61,7 +61,9 @@ def main(model_name: str = "toy") -> None:
     spin.disable_dropout(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)  # plain gradient steps show the direction
     for step in range(4):
-        real, generated = spin.pair_logps(model, [pair], args.max_prompt_length, args.max_length)  # the policy p_θ, starting at θ = θ0
+        # the policy p_θ, starting at θ = θ0: scored by the call that scored the opponent, on the same batch
+        real, generated = spin.pair_logps(model, [pair], args.max_prompt_length, args.max_length, args.bf16,
+                                          args.padding_free)
         losses, real_rewards, generated_rewards = spin_loss(
             real, generated, torch.tensor([pair["opponent_real_logp"]]), torch.tensor([pair["opponent_generated_logp"]]),
             beta=args.beta)

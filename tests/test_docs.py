@@ -1,5 +1,6 @@
 """The docs cannot drift from the code: the paper map is regenerated and compared, links resolve."""
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -61,5 +62,9 @@ def test_the_walkthrough_runs_and_shows_what_the_page_says(small_sft_model):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     margins = [float(m) for m in re.findall(r"margin = ([+-]\d+\.\d+)", result.stdout)]
-    assert "loss = 0.6931" in result.stdout.split("step 1")[0]  # ℓ(0) = log 2 at θ = θ_t
-    assert margins[0] == 0.0 and margins[-1] > margins[0]  # the steps raise the margin
+    losses = [float(m) for m in re.findall(r"loss = (\d+\.\d+)", result.stdout)]
+    # At θ = θ_t the policy's and the opponent's log-probs come from the same call on the same batch
+    # (with and without autograd), so the margin is 0 up to float32 rounding; the printed 4 decimals
+    # are compared with a tolerance of one unit in the last printed place, not as text.
+    assert abs(margins[0]) <= 1e-4 and abs(losses[0] - math.log(2)) <= 1e-4  # ℓ(0) = log 2 at θ = θ_t
+    assert margins[-1] > margins[0]  # the steps raise the margin
