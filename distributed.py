@@ -102,18 +102,45 @@ def bars_off(args) -> bool | None:
 
 def setup(args) -> None:
     """Join the process group when launched with several ranks (args.rank, args.world_size come
-    from the same environment, read by cli.parse_args)."""
+    from the same environment, read by cli.parse_args).
+
+    On CUDA this rank's GPU becomes the current device FIRST: the first collectives are object
+    collectives (checkpoint.agreed's all_gather_object), and torch moves their pickled bytes to
+    torch.cuda.current_device(), which is cuda:0 on every rank unless set ("it is the user's
+    responsibility ... via torch.cuda.set_device()", torch's all_gather_object docstring), while
+    deepspeed.init_distributed binds the NCCL group to cuda:LOCAL_RANK and sets the current device
+    only later, in deepspeed.initialize. Without it every rank but 0 fails at start-up."""
     if args.deepspeed:
         import deepspeed
 
         if "RANK" not in os.environ:  # `python spin.py --deepspeed ...` on one device: a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-        # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator. Evaluation runs on rank 0 while the
-        # others wait in a barrier: lm-eval on a 7B model can outlast the default 30-minute timeout.
+    if getattr(args, "deterministic", False):
+        deterministic()
+    here = device(args)
+    if here.type == "cuda":
+        torch.cuda.set_device(here)
+    if args.deepspeed:
+        # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator. Rank 0 alone evaluates (lm-eval on a
+        # 7B model) and uploads (--push_to_hub) while the others wait in a barrier: either can outlast
+        # the default 30-minute timeout.
         from datetime import timedelta
 
-        deepspeed.init_distributed(timeout=timedelta(hours=8 if args.eval_tasks else 1))
+        long_wait = args.eval_tasks or getattr(args, "push_to_hub", False)
+        deepspeed.init_distributed(timeout=timedelta(hours=8 if long_wait else 1))
+
+
+def deterministic() -> None:
+    """--deterministic: the same numbers from the same inputs on CUDA too, at a cost in speed
+    (docs/scaling.md). On CPU every kernel this project runs is deterministic already. cuBLAS
+    needs a fixed workspace (set before its first use), torch's deterministic kernels replace the
+    atomic ones (index_add, scatter_add, ...) and refuse any op that has none, and FlashAttention-2
+    runs its deterministic backward (transformers reads FLASH_ATTENTION_DETERMINISTIC)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def teardown() -> None:
@@ -158,9 +185,15 @@ def all_sum(args, values: list[float]) -> list[float]:
 
 
 def device(args) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """This rank's device. Under --deepspeed, DeepSpeed's accelerator decides (DS_ACCELERATOR=cpu
+    runs CPU ranks on a machine that has GPUs too, as the tests do): cuda:LOCAL_RANK or the CPU.
+    Without it (one process): the GPU when there is one."""
+    if args.deepspeed:
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().device_name()
+        return torch.device(name, local_rank()) if name == "cuda" else torch.device(name)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def exit_if_relaunched(argv: list[str]) -> None:

@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the 
 os.environ["WANDB_MODE"] = "offline"  # --report_to wandb: files in the run directory only
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="spin-tests-trackio-")  # --report_to trackio: a database here
+# The suite means CPU: its exact numbers (bit-for-bit resume, float32 tolerances) and its two-rank runs
+# (DS_ACCELERATOR=cpu) are CPU facts. On a machine with GPUs they are hidden, before torch looks for them,
+# and the runs it launches inherit that; SPIN_TESTS_CUDA=1 keeps them for the tests that mean the GPU
+# (tests/test_cuda.py, run by benchmarks/smoke.py).
+if os.environ.get("SPIN_TESTS_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import toy  # noqa: E402
 

@@ -15,7 +15,8 @@ from conftest import read_jsonl, toy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
-       "OMP_NUM_THREADS": "1"}  # one thread: the float sums are the same from run to run
+       "OMP_NUM_THREADS": "1",  # one thread: the float sums are the same from run to run
+       "CUDA_VISIBLE_DEVICES": ""}  # bit for bit is a CPU fact (on CUDA: --deterministic, docs/scaling.md)
 
 
 def command(model, run, *extra):

@@ -17,7 +17,7 @@ from conftest import TOY_RUN, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}, "HF_HUB_OFFLINE": "1",
-       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, also where GPUs exist
 FLAGS = [*TOY_RUN, "--max_samples", "64", "--iters", "2", "--greedy"]
 # Tolerance: the two ranks' gradients are summed by an all-reduce, in another order than one process
 # sums them, so float32 results differ in the last bits. Measured (since logits are computed at
