@@ -73,6 +73,20 @@ def pack(sequences: list[dict], width: int | None = None, pad_token_id: int = 0)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence": sequence}
 
 
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """FlashAttention-2's varlen arguments for a packed batch of ONE row (pack(..., width=total)):
+    where each sequence starts (cu_seq_lens, int32) and the longest length, computed here on the host
+    before the batch moves to the GPU. Without them transformers finds the sequences in the position
+    ids again in every attention layer, each time with a device-to-host copy
+    (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids; the same numbers)."""
+    positions = position_ids.reshape(-1)  # (W,)
+    starts = (positions == 0).nonzero()[:, 0]  # (S,)
+    cu_seq_lens = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)  # (S + 1,)
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+            "max_length_k": longest}
+
+
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
     """Indices of `lengths` in rows of at most `width` tokens: longest first, each into the first row with room."""
     rows, room = [], []

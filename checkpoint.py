@@ -28,7 +28,7 @@ import distributed
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
                "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
-               "hub_model_id", "hub_private_repo"}
+               "hub_model_id", "hub_private_repo", "deterministic"}
 
 
 class RunDirError(ValueError):

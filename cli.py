@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
     g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run "
+                   "ends bit for bit as an uninterrupted one on GPUs too, at a cost in speed (CPU runs are always)")
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     add_reporting_flags(p)
     p.set_defaults(**config_file(p, argv))
@@ -188,6 +190,9 @@ def apply_recipe(args) -> None:
     """Every flag not given takes the recipe's value (--model NAME), else the default."""
     recipe = RECIPES.get(args.model, {})
     accumulation_given = args.gradient_accumulation_steps is not None
+    if args.attn_implementation is None and recipe.get("attn_implementation") == "flash_attention_2" \
+            and not flash_attention_available():
+        args.attn_implementation = "sdpa"  # the recipe's choice where it can run; asked for by name, it is refused
     for key, value in {**DEFAULTS, **recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -198,6 +203,12 @@ def apply_recipe(args) -> None:
     if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
         args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
                                                                               * args.world_size))
+
+
+def flash_attention_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def from_accelerate_launch(args) -> None:
@@ -263,9 +274,30 @@ def validate(args) -> None:
         if given and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package: pip install -r requirements-eval.txt")
     if args.attn_implementation == "flash_attention_2":
-
+        if not args.bf16:  # flash-attn kernels take fp16/bf16 only; transformers passes float32 on unchanged
+            raise UsageError("--attn_implementation flash_attention_2 needs --bf16 (FlashAttention-2 has no "
+                             "float32 kernels); or use sdpa")
         if not torch.cuda.is_available():
             raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
         if importlib.util.find_spec("flash_attn") is None:
             raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation); or use sdpa")
+    if args.deepspeed:
+        check_deepspeed_precision(args)
+
+
+def check_deepspeed_precision(args) -> None:
+    """A --deepspeed config that fixes its precision must agree with --bf16 (the one switch): else the
+    engine would keep weights in one dtype while autocast and the opponent copy use another."""
+    try:
+        config = json.loads(Path(args.deepspeed).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--deepspeed {args.deepspeed}: not a readable JSON file ({e})") from None
+    if config.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise UsageError(f"--deepspeed {args.deepspeed}: fp16 is enabled; SPIN trains in bf16 (--bf16) or float32: "
+                         f"set \"fp16\": {{\"enabled\": false}}")
+    bf16 = config.get("bf16", {}).get("enabled", "auto")
+    if bf16 != "auto" and bool(bf16) != bool(args.bf16):
+        raise UsageError(f"--deepspeed {args.deepspeed} sets bf16 enabled={str(bool(bf16)).lower()} but --bf16 is "
+                         f"{'on' if args.bf16 else 'off'}: pass {'--bf16' if bf16 else '--no-bf16'}, or set "
+                         f"\"enabled\": \"auto\" in the config")

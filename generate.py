@@ -43,11 +43,11 @@ def ignored_generation_settings(model) -> dict:
     return {k: own[k] for k in SAMPLING if own.get(k) is not None}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
              progress: bool = False, done: dict[int, dict] | None = None, on_batch=None,
-             stop: list[int] | None = None, should_stop=None) -> list[dict]:
+             stop: list[int] | None = None, should_stop=None, bf16: bool = False) -> list[dict]:
     """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
 
     stop: the ids that end a reply (default: stop_ids(model, tokenizer)). A reply that ends keeps
@@ -57,6 +57,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     gives the same tokens. on_batch(indices, results) is called after each sampled batch.
     should_stop(): checked before each batch; when true, the prompts not sampled yet get {} (a
     preempted run stops after the batch it is in, preemption.py).
+    bf16: sample under bfloat16 autocast, as training computes (float32 weights, bf16 matmuls and
+    attention: FlashAttention-2 has no float32 kernels).
     """
     done = done or {}
     from transformers import GenerationConfig
@@ -94,12 +96,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
         # top_k, ...): with a blank one in its place, y' ~ p_θt exactly as the flags say.
         own, model.generation_config = model.generation_config, GenerationConfig()
         try:
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=config)  # (B, T + new)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        generation_config=config)  # (B, T + new)
         finally:
             model.generation_config = own
-        for row, i in enumerate(batch):
-            new = output[row, width:].tolist()
+        for i, new in zip(batch, output[:, width:].tolist()):  # one copy to the host per batch
             end = next((k for k, token in enumerate(new) if token in stop), None)
             ended = end is not None
             new = new[: end + 1] if ended else new  # through the first stop id; padding follows it

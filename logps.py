@@ -47,10 +47,13 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
         # attention is dense within a row).
         one_row = str(getattr(_config(model), "_attn_implementation", "")).startswith("flash")
         batch = batching.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
+        if one_row:
+            batch.update(batching.varlen_kwargs(batch["position_ids"]))
     else:
         batch = batching.collate(sequences)
     tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
-    return batch_logps(model, {k: v.to(device) for k, v in batch.items()}, bf16), tokens  # (B,), (B,)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
 
 
 @torch.no_grad()
@@ -110,6 +113,7 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     fused = fused_head(model)
     packed = "position_ids" in batch
     inputs = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
+    inputs.update({k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))})  # FA-2 varlen
 
     def only_response_positions(module, inputs):
         hidden = inputs[0]  # (B, T, H)
@@ -214,7 +218,8 @@ class FusedTokenLogps(torch.autograd.Function):
     accumulator; each block of the weight is read once per pass while all positions fit in a tile.
     The weight is read from the head module when backward runs, not saved by forward: under
     DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls run
-    in the hidden states' dtype (bf16 under autocast, like nn.Linear's), the softmax in float32."""
+    in autocast's dtype when autocast is on (bf16, like nn.Linear's), in forward AND in backward
+    (which runs outside autocast), else in the hidden states' dtype; the softmax in float32."""
 
     CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once (a tile)
     MIN_BLOCK = 4096  # vocabulary entries per block at least, however many positions: rows are cut instead
@@ -227,26 +232,33 @@ class FusedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head):
+        # The matmuls' dtype: autocast's when it is on (bf16 matmuls on fp32 weights, as nn.Linear's),
+        # kept for backward, which runs outside autocast and would otherwise multiply in float32.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         n, v = hidden.shape[0], weight.shape[0]
         rows, block = FusedTokenLogps.tiles(n, v)
         lse = torch.full((n,), -torch.inf, dtype=torch.float32, device=hidden.device)  # (N,)
         target_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # (N,)
-        for c in range(0, v, block):
-            w = weight[c:c + block].to(hidden.dtype)  # (block, H)
-            b = bias[c:c + block].to(hidden.dtype) if bias is not None else None
-            for r in range(0, n, rows):
-                logits = torch.nn.functional.linear(hidden[r:r + rows], w, b).float()  # (rows, block)
-                lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], logits.logsumexp(dim=-1))
-                i, j = _in_block(targets[r:r + rows], c, logits.shape[1])
-                target_logit[r + i] = logits[i, j]
+        with torch.autocast(device, enabled=False):
+            for c in range(0, v, block):
+                w = weight[c:c + block].to(dtype)  # (block, H)
+                b = bias[c:c + block].to(dtype) if bias is not None else None
+                for r in range(0, n, rows):
+                    x = hidden[r:r + rows].to(dtype)  # (rows, H)
+                    logits = torch.nn.functional.linear(x, w, b).float()  # (rows, block)
+                    lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], logits.logsumexp(dim=-1))
+                    column, inside = _in_block(targets[r:r + rows], c, logits.shape[1])  # (rows, 1), (rows, 1)
+                    target_logit[r:r + rows] += torch.where(inside, logits.gather(1, column), 0.0)[:, 0]
         ctx.save_for_backward(hidden, targets, lse)
-        ctx.head = head
+        ctx.head, ctx.dtype = head, dtype
         return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad):  # grad: (N,)
         hidden, targets, lse = ctx.saved_tensors
         weight, bias = ctx.head.weight, ctx.head.bias  # gathered now, under ZeRO-3
+        dtype = ctx.dtype
         n, v = hidden.shape[0], weight.shape[0]
         rows, block = FusedTokenLogps.tiles(n, v)
         grad = grad.float()
@@ -254,18 +266,20 @@ class FusedTokenLogps(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (V, H)
         grad_bias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
         for c in range(0, v, block):
-            w = weight[c:c + block].to(hidden.dtype)  # (block, H)
-            b = bias[c:c + block].to(hidden.dtype) if bias is not None else None
+            w = weight[c:c + block].to(dtype)  # (block, H)
+            b = bias[c:c + block].to(dtype) if bias is not None else None
             block_weight = block_bias = 0
             for r in range(0, n, rows):
+                x = hidden[r:r + rows].to(dtype)  # (rows, H)
                 g = grad[r:r + rows, None]  # (rows, 1)
-                d = torch.nn.functional.linear(hidden[r:r + rows], w, b).float()  # (rows, block), this function's own
+                d = torch.nn.functional.linear(x, w, b).float()  # (rows, block), this function's own
                 d.sub_(lse[r:r + rows, None]).exp_().mul_(-g)  # in place: −g·softmax
-                i, j = _in_block(targets[r:r + rows], c, d.shape[1])
-                d[i, j] += g[i, 0]  # (rows, block): g·(onehot − softmax)
-                grad_hidden[r:r + rows] += d.to(hidden.dtype) @ w
+                column, inside = _in_block(targets[r:r + rows], c, d.shape[1])
+                # + g at the target: one entry per row, so a plain scatter (deterministic, no atomics)
+                d.scatter_(1, column, d.gather(1, column) + torch.where(inside, g, 0.0))  # g·(onehot − softmax)
+                grad_hidden[r:r + rows] += d.to(dtype) @ w
                 if grad_weight is not None:
-                    part = d.t().to(hidden.dtype) @ hidden[r:r + rows]  # (block, H)
+                    part = d.t().to(dtype) @ x  # (block, H)
                     block_weight = part if rows >= n else part.float() + block_weight  # float32 over row tiles
                 if grad_bias is not None:
                     block_bias = d.sum(dim=0) + block_bias
@@ -277,7 +291,9 @@ class FusedTokenLogps(torch.autograd.Function):
 
 
 def _in_block(targets, start: int, width: int):
-    """(rows, columns) of the targets that fall in the vocabulary block [start, start + width)."""
-    local = targets - start
-    i = ((local >= 0) & (local < width)).nonzero().squeeze(1)
-    return i, local[i]
+    """Where each target falls in the vocabulary block [start, start + width): its column there
+    (clamped into the block when it is outside) and whether it is inside, both (rows, 1). Masks,
+    not indices: no host synchronisation per tile (a .nonzero() would wait for the GPU)."""
+    local = (targets - start)[:, None]  # (rows, 1)
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1), inside

@@ -67,6 +67,7 @@ RECIPES = {
         generation_batch_size=64,
         bf16=True,
         gradient_checkpointing=True,
+        attn_implementation="flash_attention_2",  # the paper's; sdpa where flash-attn or CUDA is missing (cli.py)
         deepspeed="configs/ds_zero3.json",  # ZeRO-3 over all visible GPUs, as the paper
         eval_dataset="HuggingFaceH4/ultrachat_200k",  # held-out prompts: UltraChat's test split
         eval_split="test_sft",

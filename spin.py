@@ -20,6 +20,7 @@ Run directory (--output_dir); re-running the same command resumes it (see checkp
     iter{t}/model/              θ_{t+1}: save_pretrained model + tokenizer, the opponent of iteration t+1
     iter{t}/complete.json       written last: iteration t is done
 """
+import gc
 import json
 import math
 import random
@@ -153,7 +154,7 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     when a stopped run left one there. on_step(record) sees every step's metrics (TensorBoard)."""
     model.train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
+        model.activation_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
     disable_dropout(model)
     total_steps = math.ceil(len(pairs) / global_batch(args)) * args.num_train_epochs
     optimizer, scheduler = rmsprop(model, learning_rate, total_steps, args.warmup_ratio)
@@ -241,7 +242,8 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, it: Pat
     results = gen.generate(model, tokenizer, [prompts[i] for i in shard], args.max_new_tokens, not args.greedy,
                            args.temperature, args.top_p, args.generation_batch_size,
                            data.seed(args.seed, "samples", t, args.rank), progress=not distributed.bars_off(args),
-                           done=done, on_batch=on_batch, stop=run_data.stop, should_stop=preemption.requested)
+                           done=done, on_batch=on_batch, stop=run_data.stop, should_stop=preemption.requested,
+                           bf16=args.bf16)
     preemption.stop_if_requested(args, f"while sampling iteration {t}'s responses (those sampled are kept in {it})")
     # The shards meet through the process group, not the disk: nodes need not share one.
     samples = {d["id"]: d for d in distributed.all_gather(args, [{"id": rows[i]["id"], **r} for i, r in zip(shard, results)])}
@@ -346,7 +348,9 @@ def main(argv=None) -> None:
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
         history, trainer = train(model, train_pairs, lr, t, args, it, on_step=report.log_step)  # θ_{t+1}
         trainer.save_model(tokenizer, it / "model", args)
+        trainer.release()  # the optimizer state and ZeRO-3's partitions go before θ_{t+1} loads
         del trainer, model  # the next opponent is θ_{t+1} exactly as saved, a whole copy again
+        gc.collect()  # ZeRO-3's engine sits in reference cycles: free them now, not at the next automatic pass
         model = opponent(it / "model", args).to(distributed.device(args))
         report.end_iteration(t, model, pairs, train_pairs, history, lr)
         previous = pairs

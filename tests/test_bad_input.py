@@ -56,6 +56,9 @@ def files(tmp_path, small_sft_model):
     (tmp_path / "typo.yaml").write_text("beta: 0.1\nlerning_rate: 1e-6\n")
     (tmp_path / "list.yaml").write_text("- beta\n- 0.1\n")
     (tmp_path / "bad-value.yaml").write_text("loss_type: ipo\n")
+    ours = json.loads((ROOT / "configs" / "ds_zero3.json").read_text())
+    (tmp_path / "fp16.json").write_text(json.dumps({**ours, "bf16": {"enabled": False}, "fp16": {"enabled": True}}))
+    (tmp_path / "bf16.json").write_text(json.dumps({**ours, "bf16": {"enabled": True}}))
     (tmp_path / "garbage.gguf").write_bytes(b"not a GGUF file")
     unsupported = gguf.GGUFWriter(str(tmp_path / "unsupported.gguf"), arch="xyzzy")  # a real GGUF file
     unsupported.add_block_count(1)
@@ -102,7 +105,12 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "unsupported file type": (["--dataset", "{dir}/data.csv"], "unsupported file type"),
     "json that is not a list": (["--dataset", "{dir}/object.json"], "expected a JSON list of rows"),
     "torn jsonl line": (["--dataset", "{torn}"], "line 2 is not valid JSON"),
-    "flash attention on a CPU": (["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs a CUDA GPU"),
+    "flash attention on a CPU": (["--attn_implementation", "flash_attention_2", "--bf16"],
+                                 "flash_attention_2 needs a CUDA GPU"),
+    "flash attention in float32": (["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs --bf16"),
+    "deepspeed config in fp16": (["--deepspeed", "{dir}/fp16.json", "--bf16"], "fp16 is enabled; SPIN trains in bf16"),
+    "deepspeed config in bf16 without --bf16": (["--deepspeed", "{dir}/bf16.json"],
+                                                "sets bf16 enabled=true but --bf16 is off: pass --bf16"),
     "unknown attention": (["--attn_implementation", "fast"], "--attn_implementation must be eager, sdpa or"),
     "missing deepspeed config": (["--deepspeed", "{dir}/nope.json"], "--deepspeed {dir}/nope.json: no such file"),
     "global batch that does not divide": (["--global_batch_size", "10", "--per_device_train_batch_size", "4"],

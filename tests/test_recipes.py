@@ -32,7 +32,21 @@ def test_the_docs_table_is_the_recipe(monkeypatch):
     args = spin.parse_args(["--model", "zephyr-7b-sft-full"])
     assert set(table) == set(RECIPES["zephyr-7b-sft-full"])  # every setting documented, nothing else
     for flag, text in table.items():
+        if flag == "attn_implementation":  # resolved by what this machine has (next test)
+            assert text == RECIPES["zephyr-7b-sft-full"][flag]
+            continue
         assert as_text(getattr(args, flag)) == text, flag
+
+
+def test_the_recipes_flash_attention_falls_back_to_sdpa_where_it_cannot_run(monkeypatch):
+    import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli, "flash_attention_available", lambda: False)
+    assert spin.parse_args(["--model", "zephyr-7b-sft-full"]).attn_implementation == "sdpa"
+    monkeypatch.setattr(cli, "flash_attention_available", lambda: True)  # a stand-in: no GPU on the test machines
+    monkeypatch.setattr(cli, "validate", lambda args: None)
+    assert spin.parse_args(["--model", "zephyr-7b-sft-full"]).attn_implementation == "flash_attention_2"
 
 
 def test_explicit_flags_override_the_recipe(monkeypatch):
