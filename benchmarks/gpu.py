@@ -1,18 +1,21 @@
-"""One SPIN iteration on one GPU, phase by phase, ready for the day a GPU is there: a randomly
-initialised Zephyr-architecture model (MistralForCausalLM) scaled to ~1B parameters, bf16 autocast,
-SDPA attention, on prompts and replies whose lengths are shaped like UltraChat's (log-normal,
-cut as the recipe cuts them), through the project's own phase functions: generation
-(generate.generate), the opponent pass (spin.opponent_logps) and training (spin.train), first
-plain PyTorch, then --deepspeed configs/ds_zero3.json on the same GPU.
+"""One SPIN iteration on one GPU, phase by phase, with the paper's recipe settings: a randomly
+initialised Zephyr-architecture model (MistralForCausalLM) scaled to ~1B parameters, the
+zephyr-7b-sft-full recipe's flags (bf16, packed rows, gradient checkpointing, λ 0.1, RMSProp),
+SDPA attention, on prompts and replies whose lengths are shaped like UltraChat's (log-normal, cut as
+the recipe cuts them), through the project's own phase functions: generation (generate.generate),
+the opponent pass (spin.opponent_logps) and training (spin.train), first plain PyTorch (float32
+weights under bf16 autocast), then --deepspeed configs/ds_zero3.json on the same GPU (bf16 weights,
+float32 masters): both in bf16, the recipe's way on each path.
 
-    python benchmarks/gpu.py            # one H100: ~1B parameters, 256 prompts, 256 new tokens (a few minutes)
-    python benchmarks/gpu.py --tiny     # CPU, a tiny model, 16 prompts: what CI runs to check that it runs
+    python benchmarks/gpu.py            # one H100/H200: ~1B parameters, 256 prompts, 256 new tokens (a few minutes)
+    python benchmarks/gpu.py --tiny     # CPU, a tiny model, 16 prompts (CI runs it with --prompts 8)
 
 Prints per phase: tokens/s, seconds, peak GPU memory (torch.cuda.max_memory_allocated, reset before
-each phase); for training also MFU = 6 · parameters · trained tokens / seconds / the card's peak
-bf16 dense FLOP/s (attention's T² term left out, so MFU is slightly understated); then the
-projected time of one Zephyr-7B iteration of the recipe (50k prompts, 2 epochs, 8×H100) from
-these figures, with the assumptions it makes.
+each phase); for training also MFU = F · non-embedding parameters · trained tokens / seconds / the
+card's peak bf16 dense FLOP/s, with F = 8 under gradient checkpointing (forward, recomputed
+forward, backward: 2 + 2 + 4) and 6 without; attention's T² term is left out, so MFU is
+slightly understated. Then the projected time of one Zephyr-7B iteration of the recipe (50k prompts,
+2 epochs, 8 GPUs like this one) from these figures, with what it assumes about communication.
 """
 import argparse
 import math
@@ -40,6 +43,8 @@ SIZES = {  # MistralForCausalLM shapes; "1b" is Zephyr-7B's architecture (GQA 4:
                  num_key_value_heads=2, vocab_size=1000),
 }
 ZEPHYR_PARAMETERS = 7.24e9
+ZEPHYR_NON_EMBEDDING = 7.24e9 - 32000 * 4096  # the input embedding is a lookup, not a matmul
+LINK_GBPS = 150  # assumed per-GPU all-gather / reduce-scatter bandwidth over NVLink, GB/s (an assumption, stated)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, NVIDIA's data sheets
 
 
@@ -91,20 +96,24 @@ def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
     """The three phases of one SPIN iteration; {phase: {tokens, seconds, memory_gib}} and parameters."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    args = spin.parse_args(["--dataset", "toy", "--output_dir", str(out), "--quiet", *flags])
+    args = spin.parse_args(["--model", "zephyr-7b-sft-full", "--dataset", "toy", "--output_dir", str(out), "--quiet",
+                            *flags])  # the recipe's settings; its model and data are not loaded
+    if "--deepspeed" not in flags:
+        args.deepspeed = None  # the plain run: the recipe names ZeRO-3
     distributed.setup(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     config = MistralConfig(**SIZES[size], max_position_embeddings=4096, attn_implementation="sdpa")
     model = MistralForCausalLM(config).to(spin.weights_dtype(args)).to(device)
     parameters = sum(p.numel() for p in model.parameters())
+    non_embedding = parameters - model.get_input_embeddings().weight.numel()
     tok = tokenizer(config.vocab_size)
     phases = {}
 
     reset_memory()
     started = time.time()
     samples = generate.generate(model, tok, [r["prompt_ids"] for r in rows], args.max_new_tokens, True, 1.0, 1.0,
-                                args.generation_batch_size, seed=0, stop=[2])
+                                args.generation_batch_size, seed=0, stop=[2], bf16=args.bf16)
     phases["generation"] = {"tokens": sum(len(s["generated_ids"]) for s in samples),
                             "seconds": time.time() - started, "memory_gib": memory()}
     pairs = [{**r, "iteration": 0, "generated_ids": s["generated_ids"] or [2]} for r, s in zip(rows, samples)]
@@ -126,7 +135,9 @@ def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
         torch.cuda.synchronize()
     phases["training"] = {"tokens": pair_tokens * args.num_train_epochs, "seconds": time.time() - started,
                           "memory_gib": memory(), "steps": len(history)}
-    return {"phases": phases, "parameters": parameters}
+    flops_per_parameter = 8 if args.gradient_checkpointing else 6  # per trained token
+    return {"phases": phases, "parameters": parameters, "non_embedding": non_embedding,
+            "flops_per_parameter": flops_per_parameter}
 
 
 def report(name: str, result: dict, peak: float | None) -> list[str]:
@@ -135,7 +146,8 @@ def report(name: str, result: dict, peak: float | None) -> list[str]:
         rate = m["tokens"] / m["seconds"]
         mfu = ""
         if phase == "training" and peak:
-            mfu = f"{6 * result['parameters'] * m['tokens'] / m['seconds'] / peak:.1%}"
+            flops = result["flops_per_parameter"] * result["non_embedding"] * m["tokens"] / m["seconds"]
+            mfu = f"{flops / peak:.1%}"
         gib = f"{m['memory_gib']:.1f}" if m["memory_gib"] is not None else "n/a (CPU)"
         lines.append(f"| {name} | {phase} | {m['tokens']} | {m['seconds']:.1f} | {rate:,.0f} | {gib} | {mfu} |")
     return lines
@@ -144,34 +156,42 @@ def report(name: str, result: dict, peak: float | None) -> list[str]:
 def projection(result: dict, rows: list[dict], scale: float) -> list[str]:
     """Zephyr-7B, 50k prompts, 8 GPUs like this one, from the measured rates: generation and the
     opponent pass scale with the weights each token passes through (×P_1B/P_7B per GPU), training
-    with FLOPs at the measured MFU of the ZeRO-3 run."""
+    with FLOPs at the FLOP rate the ZeRO-3 run achieved (the same recomputation factor). Communication:
+    ZeRO-3 all-gathers the bf16 weights for forward, again for the recomputed forward and backward,
+    and reduce-scatters the gradients, ~4 × 2 bytes × P per micro-batch per GPU; the projection assumes
+    it overlaps with compute, and prints what it would cost at LINK_GBPS if it did not."""
     ratio = result["parameters"] / ZEPHYR_PARAMETERS
     ph = result["phases"]
     per_prompt = {k: ph[k]["tokens"] / len(rows) / scale for k in ("generation", "opponent pass")}
+    achieved = result["flops_per_parameter"] * result["non_embedding"] * ph["training"]["tokens"] / ph["training"]["seconds"]
     out = []
     for t, pairs in ((0, 50_000), (1, 100_000)):  # iterations ≥ 1 also train on the previous pairs
         generation = 50_000 * per_prompt["generation"] / (ph["generation"]["tokens"] / ph["generation"]["seconds"] * ratio * 8)
         opponent = pairs * per_prompt["opponent pass"] / (ph["opponent pass"]["tokens"] / ph["opponent pass"]["seconds"] * ratio * 8)
         train_tokens = pairs * per_prompt["opponent pass"] * 2  # 2 epochs
-        mfu = 6 * result["parameters"] * ph["training"]["tokens"] / ph["training"]["seconds"]  # achieved FLOP/s, one GPU
-        training = 6 * ZEPHYR_PARAMETERS * train_tokens / (mfu * 8)
+        training = result["flops_per_parameter"] * ZEPHYR_NON_EMBEDDING * train_tokens / (achieved * 8)
+        micro_batches = math.ceil(pairs / 64) * 2  # global batch 64 = 8 GPUs × 8 pairs, no accumulation; 2 epochs
+        traffic = micro_batches * 4 * 2 * ZEPHYR_PARAMETERS / (LINK_GBPS * 1e9)  # seconds, if not overlapped
         out.append(f"iteration {t} ({pairs} pairs): generation {generation / 3600:.2f} h + opponent pass "
                    f"{opponent / 3600:.2f} h + training {training / 3600:.2f} h = "
-                   f"{(generation + opponent + training) / 3600:.2f} h")
+                   f"{(generation + opponent + training) / 3600:.2f} h, communication overlapped; ZeRO-3 traffic "
+                   f"{traffic / 3600:.2f} h more at {LINK_GBPS} GB/s per GPU if it were not")
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 16 prompts: for CI")
+    p.add_argument("--tiny", action="store_true", help="a tiny model, 16 prompts (float32 on a CPU): for CI")
     p.add_argument("--prompts", type=int)
     args = p.parse_args(argv)
     size, scale = ("tiny", 1 / 16) if args.tiny else ("1b", 1.0)
     rows = ultrachat_shaped(args.prompts or (16 if args.tiny else 256), SIZES[size]["vocab_size"], scale)
+    accumulation = 2 if args.tiny else 8  # 8 × 8 = the recipe's global batch 64 on one GPU
     common = ["--max_prompt_length", str(int(512 * scale)), "--max_length", str(int(1024 * scale)),
               "--max_new_tokens", str(int(256 * scale)), "--generation_batch_size", "64", "--num_train_epochs", "2",
-              "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2" if args.tiny else "8",
-              *([] if args.tiny else ["--bf16", "--attn_implementation", "sdpa"])]
+              "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", str(accumulation),
+              "--global_batch_size", str(8 * accumulation), "--attn_implementation", "sdpa",
+              *(["--no-bf16"] if args.tiny and not torch.cuda.is_available() else [])]  # CPU: float32
     peak = peak_flops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}; model: MistralForCausalLM {SIZES[size]}; {len(rows)} prompts; peak bf16 "
@@ -183,8 +203,11 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as out:
             results[name] = run(size, rows, common + flags, Path(out))
         print("\n".join(report(name, results[name], peak)), flush=True)
-    print(f"\nparameters: {results['zero3']['parameters']:,}; training tokens count prompt + reply of both "
-          f"sequences of a pair; MFU = 6·P·tokens/s / peak")
+    r = results["zero3"]
+    print(f"\nparameters: {r['parameters']:,} ({r['non_embedding']:,} outside the input embedding); training "
+          f"tokens count prompt + reply of both sequences of a pair; MFU = {r['flops_per_parameter']}·P_non-embedding·"
+          f"tokens/s / peak ({r['flops_per_parameter']}: {'with' if r['flops_per_parameter'] == 8 else 'without'} "
+          f"gradient checkpointing's recomputed forward)")
     print("Projected Zephyr-7B iteration on 8 of these GPUs (ZeRO-3 rates; decoding and scoring scaled by "
           "parameters, training at the measured achieved FLOP/s):")
     for line in projection(results["zero3"], rows, scale):

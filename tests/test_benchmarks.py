@@ -66,3 +66,13 @@ def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
         for phase in ("generation", "opponent pass", "training"):
             assert f"\n| {run} | {phase} |" in result.stdout
     assert "iteration 0 (50000 pairs)" in result.stdout and "iteration 1 (100000 pairs)" in result.stdout
+
+
+def test_the_smoke_test_passes_every_check_on_the_cpu():
+    """benchmarks/smoke.py in its CPU mode: the one command a GPU session runs first, checked to run."""
+    result = subprocess.run([sys.executable, "benchmarks/smoke.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=400)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert result.returncode == 0 and len(lines) == 4 and all(line.startswith("ok") for line in lines), \
+        result.stdout[-3000:] + result.stderr[-2000:]
+    assert "all 21 weights equal bit for bit" in result.stdout
