@@ -9,7 +9,7 @@ prompt x and the human ("real") response y. Sources:
     `messages` column, the official SPIN `real` column (a user and an assistant message;
     `generated` is ignored: we sample our own), or plain `prompt` / `response` columns;
   - `chitchat`: real human conversations that the chitchat-dataset package ships;
-  - `toy`: the embedded toy data set (toy.load_rows resolves the name; this module knows no toy).
+  - `toy`: the embedded toy's data set, whose p_data is written down (toy_rows; toy.py has its model).
 
 Every row becomes {"id", "messages" (the prompt conversation), "response" (a string)}.
 
@@ -18,12 +18,18 @@ assistant header, are what generation continues AND what training conditions on;
 reply's ids are read off the template's rendering of the whole conversation after the prompt's
 ids, through the end-of-turn token; a generated reply keeps the exact ids the model sampled,
 through its stop id. So real and generated replies differ only in what the model would say.
-How the ids become a sequence, cut to the length limits, and sequences a batch: batching.py.
+How the ids become a sequence, cut to the length limits (build_sequence), and sequences a padded
+batch (collate): below; packed rows, the fast layout: machinery/batching.py.
 """
 import functools
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from loss import IGNORE_INDEX
 
 
 class DataError(ValueError):
@@ -32,9 +38,11 @@ class DataError(ValueError):
 
 def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
               revision: str | None = None, config: str | None = None) -> list[dict]:
-    """Rows in the common schema from "chitchat", a local file or directory, or the Hub (its
+    """Rows in the common schema from "toy", "chitchat", a local file or directory, or the Hub (its
     configuration `config`, at `revision`); errors name `flag`."""
     path = Path(source)
+    if source == TOY:
+        return toy_rows(split)
     if source == CHITCHAT:
         table = chitchat_records(split, flag)
     elif path.is_dir():
@@ -52,7 +60,43 @@ def load_rows(source: str, split: str = "train", turn: str = "first", flag: str 
     return rows
 
 
-CHITCHAT = "chitchat"
+TOY, CHITCHAT = "toy", "chitchat"
+
+# The toy's data set: prompt "a+b" (a, b < 100), p_data(y|x) known exactly (toy.py measures models against it).
+TOY_FORMS = [("{s}", 0.5), ("{a}+{b}={s}", 0.3), ("{b}+{a}={s}", 0.2)]  # p_data(y|x)
+TOY_TEST = 200  # held-out prompts, never trained on
+
+
+def toy_p_data(prompt: str) -> dict[str, float]:
+    """The true response distribution of one toy prompt "a+b" (forms can coincide when a == b)."""
+    a, b = prompt.split("+")
+    probs: dict[str, float] = {}
+    for form, p in TOY_FORMS:
+        response = form.format(a=a, b=b, s=int(a) + int(b))
+        probs[response] = probs.get(response, 0.0) + p
+    return probs
+
+
+def toy_rows(split: str, num_prompts: int = 2000, seed: int = 0) -> list[dict]:
+    """The toy's rows in the common schema; each human response is one draw from p_data (toy_p_data)."""
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(1234).shuffle(pairs)  # fixed: the test prompts never change
+    if split == "test":
+        chosen = pairs[:TOY_TEST]
+    elif split == "validation":  # for choosing settings (experiments/toy_evidence.py); after all training prompts
+        chosen = pairs[-TOY_TEST:]
+    else:
+        chosen = pairs[TOY_TEST:TOY_TEST + num_prompts]
+    rng = random.Random(seed)
+    rows = []
+    for i, (a, b) in enumerate(chosen):
+        prompt = f"{a}+{b}"
+        responses, probs = zip(*toy_p_data(prompt).items())
+        response = rng.choices(responses, weights=probs)[0]
+        rows.append({"id": i, "messages": [{"role": "user", "content": prompt}], "response": response})
+    return rows
+
+
 
 
 def chitchat_records(split: str | None, flag: str = "--dataset") -> list[dict]:
@@ -162,6 +206,41 @@ def _normalize(i: int, record, turn: str) -> dict:
     return {"id": i, "messages": context, "response": response}  # id: the row's place in the source
 
 
+def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,
+                   max_length: int) -> dict:
+    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the response ids on it."""
+    prompt_ids = prompt_ids[-max_prompt_length:]  # from the left: keep the assistant header
+    response_ids = response_ids[: max_length - len(prompt_ids)]  # a cut response loses its EOS
+    return {"input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+
+
+def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
+    """Right-pad to the longest sequence; padding gets label IGNORE_INDEX and attention 0. Which id
+    pads does not matter: right padding comes after every real token, so causal attention never
+    lets a real position see it, and its own outputs are never scored."""
+    width = max(len(s["input_ids"]) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(sequences):
+        n = len(s["input_ids"])
+        input_ids[i, :n] = torch.tensor(s["input_ids"])
+        labels[i, :n] = torch.tensor(s["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def spin_pair(row: dict, prompt_ids: list[int], real_ids: list[int], sample: dict, t: int) -> dict:
+    """One (x, y, y') row of iteration t: in the official SPIN schema (conversations `real` and
+    `generated`, usable as --dataset), plus the exact token ids of the prompt and both replies."""
+    return {"id": row["id"], "iteration": t,
+            "real": row["messages"] + [{"role": "assistant", "content": row["response"]}],
+            "generated": row["messages"] + [{"role": "assistant", "content": sample["text"]}],
+            "ended": sample["ended"], "prompt_ids": prompt_ids, "real_ids": real_ids,
+            "generated_ids": sample["generated_ids"]}
+
+
 @dataclass
 class RunData:
     """A run's data as tokens, rendered once (spin.prepare): the training rows, their prompt ids
@@ -261,15 +340,22 @@ class ChatFormat:
         return prompt, self._ids(full_text[len(prompt_text):])
 
 
-def seed(base: int, purpose: str, t: int, rank: int = 0, epoch: int = 0) -> int:
-    """Every random stream of a run, derived from --seed (base), so that the same run, and a resumed
-    one, draws the same numbers:
-      "samples": y' ~ p_θt, iteration t's synthetic responses on one rank (and the showcase sample of θ_t);
+STREAMS = ("samples", "heldout", "order", "batch")  # what a run draws random numbers for
+
+
+def seed(base: int, stream: str, t: int, rank: int = 0, epoch: int = 0, batch: int = 0) -> int:
+    """The seed of one random stream of a run, from --seed (base) and the whole key of the stream:
+      "samples": y' ~ p_θt, iteration t's synthetic responses on one rank (and the showcase sample);
       "heldout": θ_t's responses to the held-out prompts (evaluation.py);
-      "order":   the training order of iteration t's pairs in one epoch."""
-    return {"samples": base + 1_000_000 * t + 10_000 * rank,
-            "heldout": base + 1_000_000 * t + 500_000,
-            "order": base + 1000 * t + epoch}[purpose]
+      "order":   the training order of iteration t's pairs in one epoch;
+      "batch":   one generation batch's stream, from its caller's seed (generate.generate).
+    numpy's SeedSequence hashes the key, so different keys give unrelated seeds: no two streams share
+    one, however many ranks, epochs or batches (sums of offsets did: base + epoch was also base + batch).
+    The key has a fixed length: SeedSequence treats a trailing 0 as absent."""
+    import numpy
+
+    key = [base, STREAMS.index(stream), t, rank, epoch, batch]
+    return int(numpy.random.SeedSequence(key).generate_state(1, numpy.uint64)[0] >> 1)  # < 2**63: torch's range
 
 
 def first_line(e: BaseException) -> str:

@@ -19,6 +19,8 @@ import sys
 import torch
 from tqdm import tqdm
 
+import data
+
 
 def stop_ids(model, tokenizer, end_of_turn: int | None = None) -> list[int]:
     """Every id that ends a reply: the model's generation_config eos_token_id (one id or a list:
@@ -64,7 +66,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     from transformers import GenerationConfig
 
     model.eval()
-    device = next(model.parameters()).device
     stop = set(stop or stop_ids(model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # top_k=0: transformers' own default (50) would cut the distribution. Every other field that
@@ -85,28 +86,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
                 results[i] = done[i]
             bar.update(len(batch))
             continue
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T) left-padded
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention_mask[row, width - len(prompts[i]):] = 1
-        torch.manual_seed(seed + number)  # one seed per batch: the same run samples the same tokens
-        # generate() fills every field left unset from model.generation_config (a repetition penalty,
-        # top_k, ...): with a blank one in its place, y' ~ p_θt exactly as the flags say.
-        own, model.generation_config = model.generation_config, GenerationConfig()
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config)  # (B, T + new)
-        finally:
-            model.generation_config = own
-        for i, new in zip(batch, output[:, width:].tolist()):  # one copy to the host per batch
-            end = next((k for k, token in enumerate(new) if token in stop), None)
-            ended = end is not None
-            new = new[: end + 1] if ended else new  # through the first stop id; padding follows it
-            results[i] = {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
-                          "ended": ended}
+        torch.manual_seed(data.seed(seed, "batch", 0, batch=number))  # a stream per batch: a rerun repeats it
+        replies = sample_batch(model, [prompts[i] for i in batch], config, bf16)
+        for i, new in zip(batch, replies):
+            results[i] = ended_reply(new, stop, tokenizer)
         if on_batch:
             on_batch(batch, [results[i] for i in batch])
         bar.update(len(batch))
@@ -115,11 +98,40 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     return results
 
 
+def ended_reply(new: list[int], stop: set[int], tokenizer) -> dict:
+    """A sampled reply through its first stop id (padding follows it), its text, and whether it ended
+    on a stop id (else it hit max_new_tokens)."""
+    end = next((k for k, token in enumerate(new) if token in stop), None)
+    new = new[: end + 1] if end is not None else new
+    return {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True), "ended": end is not None}
+
+
+def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[list[int]]:
+    """One batch of prompts, left-padded (a decoder continues from the right end), through
+    model.generate with `config` alone; returns each prompt's new ids, padding included."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)  # (B, T) left-padded
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    # generate() fills every field left unset from model.generation_config (a repetition penalty,
+    # top_k, ...): with a blank one in its place, y' ~ p_θt exactly as the flags say.
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)  # (B, T + new)
+    finally:
+        model.generation_config = own
+    return output[:, width:].tolist()  # one copy to the host per batch
+
+
 def main(argv=None) -> None:
-    import cli
-    import data
-    import models
-    import toy
+    from machinery import cli, models  # the command line's own entry: flags and model loading
 
     p = cli.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
@@ -140,7 +152,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         models.go_offline_if_hub_unreachable(args.model, args.data)
-        rows = toy.load_rows(args.data, args.split)[: args.max_samples]
+        rows = data.load_rows(args.data, args.split)[: args.max_samples]
         tokenizer, model = models.load_model(args.model)
         chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
         prompts = [chat.prompt_ids(r["messages"])[-args.max_prompt_length:] for r in rows]

@@ -17,7 +17,6 @@ on disk under a key of its settings. Nothing here downloads anything.
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-import batching
 import data
-from logps import from_logits as sequence_logps
+from loss import sequence_logps
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 # zephyr's template: <|user|>\n{content}</s>\n<|assistant|>\n{content}</s>\n
@@ -35,8 +33,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-FORMS = [("{s}", 0.5), ("{a}+{b}={s}", 0.3), ("{b}+{a}={s}", 0.2)]  # p_data(y|x), exact
-NUM_TEST = 200  # held-out prompts, never trained on
 
 SFT = dict(  # the weak starting model: these settings are the cache key
     hidden_size=128,  # 0.4M parameters: trains in seconds on 2 CPU cores
@@ -49,7 +45,7 @@ SFT = dict(  # the weak starting model: these settings are the cache key
     sft_learning_rate=1e-3,
     num_prompts=2000,  # the SFT data set that SPIN reuses
     seed=0,
-    version=2,  # bump when the toy or the code that trains it changes: 2 = response-only log-probs
+    version=3,  # bump when the toy or the code that trains it changes: 3 = loss.sequence_logps
 )
 
 
@@ -68,42 +64,6 @@ def build_tokenizer():
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", chat_template=CHAT_TEMPLATE,
     )
-
-
-def load_rows(source: str, split: str = "train", turn: str = "first", flag: str = "--dataset",
-              revision: str | None = None, config: str | None = None) -> list[dict]:
-    """data.load_rows, where the name "toy" means this module's data set."""
-    return make_rows(split) if source == "toy" else data.load_rows(source, split, turn, flag, revision, config)
-
-
-def p_data(prompt: str) -> dict[str, float]:
-    """The true response distribution of one toy prompt "a+b" (forms can coincide when a == b)."""
-    a, b = prompt.split("+")
-    probs: dict[str, float] = {}
-    for form, p in FORMS:
-        response = form.format(a=a, b=b, s=int(a) + int(b))
-        probs[response] = probs.get(response, 0.0) + p
-    return probs
-
-
-def make_rows(split: str, num_prompts: int = SFT["num_prompts"], seed: int = 0) -> list[dict]:
-    """Toy rows in the common schema of data.py; each human response is one draw from p_data."""
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    random.Random(1234).shuffle(pairs)  # fixed: the test prompts never change
-    if split == "test":
-        chosen = pairs[:NUM_TEST]
-    elif split == "validation":  # for choosing settings (experiments/toy_evidence.py); after all training prompts
-        chosen = pairs[-NUM_TEST:]
-    else:
-        chosen = pairs[NUM_TEST:NUM_TEST + num_prompts]
-    rng = random.Random(seed)
-    rows = []
-    for i, (a, b) in enumerate(chosen):
-        prompt = f"{a}+{b}"
-        responses, probs = zip(*p_data(prompt).items())
-        response = rng.choices(responses, weights=probs)[0]
-        rows.append({"id": i, "messages": [{"role": "user", "content": prompt}], "response": response})
-    return rows
 
 
 def new_model(tokenizer, settings: dict):
@@ -145,9 +105,9 @@ def sft_model_path(cache_dir: str | None = None, **overrides) -> Path:
 
 def sft(model, tokenizer, settings: dict) -> None:
     """Supervised fine-tuning: maximise the mean per-token log-likelihood of the human responses."""
-    rows = make_rows("train", settings["num_prompts"], settings["seed"])
+    rows = data.toy_rows("train", settings["num_prompts"], settings["seed"])
     chat = data.ChatFormat(tokenizer)
-    sequences = [batching.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
+    sequences = [data.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
                                      64, 128) for r in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["sft_learning_rate"])
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -155,7 +115,7 @@ def sft(model, tokenizer, settings: dict) -> None:
     start = time.time()
     for step in range(settings["sft_steps"]):
         index = torch.randint(len(sequences), (settings["sft_batch_size"],), generator=generator)
-        batch = batching.collate([sequences[i] for i in index], tokenizer.pad_token_id)
+        batch = data.collate([sequences[i] for i in index], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         num_tokens = (batch["labels"][:, 1:] != -100).sum()
         loss = -sequence_logps(logits, batch["labels"]).sum() / num_tokens
@@ -180,11 +140,11 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     correct, tv, valid_mass = 0, 0.0, 0.0
     chat = data.ChatFormat(tokenizer)
     for row, gen in zip(rows, generated):
-        truth = p_data(row["messages"][-1]["content"])
+        truth = data.toy_p_data(row["messages"][-1]["content"])
         correct += gen["ended"] and gen["text"] in truth
         prompt_ids = chat.prompt_ids(row["messages"])
-        sequences = [batching.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
-        batch = batching.collate(sequences, tokenizer.pad_token_id)
+        sequences = [data.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
+        batch = data.collate(sequences, tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         p_model = sequence_logps(logits, batch["labels"].to(device)).exp().tolist()
         mass = sum(p_model)

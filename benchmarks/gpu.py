@@ -32,7 +32,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator for --tiny
 
-import distributed  # noqa: E402
+from machinery import distributed  # noqa: E402
 import generate  # noqa: E402
 import spin  # noqa: E402
 

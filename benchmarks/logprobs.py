@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from logps import FusedTokenLogps, response_logps  # noqa: E402
+from machinery.logps import FusedTokenLogps, response_logps  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Padding in training, side by side: shuffled steps against length-grouped ones (batching.grouped_by_length),
-each with padded rows (batching.collate) and padding-free packed rows (batching.pack; both defaults on): the
+each with padded rows (data.collate) and padding-free packed rows (batching.pack; both defaults on): the
 share of the forward passes' token slots that are padding, training throughput in real (non-padding)
 tokens per second, and the loss statistics of the runs.
 
@@ -25,21 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import batching  # noqa: E402
+import data  # noqa: E402
+from machinery import batching  # noqa: E402
 import spin  # noqa: E402
 from gpu import ultrachat_shaped  # noqa: E402
 
 
 def padding_share(steps, args) -> float:
     """Padding over all slots of the batches the forward passes get: each micro-batch's 2·per_device
-    sequences (a pair's y and y') padded to the longest (batching.collate), or packed (batching.pack)."""
+    sequences (a pair's y and y') padded to the longest (data.collate), or packed (batching.pack)."""
     real = slots = 0
     for _, step in steps:
         for k in range(0, len(step), args.per_device_train_batch_size):
             pairs = step[k:k + args.per_device_train_batch_size]
-            sequences = [batching.build_sequence(p["prompt_ids"], p[key], args.max_prompt_length, args.max_length)
+            sequences = [data.build_sequence(p["prompt_ids"], p[key], args.max_prompt_length, args.max_length)
                          for key in ("real_ids", "generated_ids") for p in pairs]
-            batch = batching.pack(sequences) if args.padding_free else batching.collate(sequences)
+            batch = batching.pack(sequences) if args.padding_free else data.collate(sequences)
             real, slots = real + sum(len(s["input_ids"]) for s in sequences), slots + batch["input_ids"].numel()
     return 1 - real / slots
 

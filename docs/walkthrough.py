@@ -10,12 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
+from machinery import cli  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
+from machinery import models  # noqa: E402
 import generate  # noqa: E402
 import spin  # noqa: E402
-import toy  # noqa: E402
 from loss import spin_loss  # noqa: E402
 
 
@@ -27,10 +26,10 @@ def main(model_name: str = "toy") -> None:
                            "--max_prompt_length", "32"])
     tokenizer, model = models.load_model(args.model)
     args.pad_token_id = tokenizer.pad_token_id
-    row = toy.make_rows("train")[0]
+    row = data.toy_rows("train")[0]
     print("1. a row of the SFT data set")
     print(f"   prompt x = {row['messages'][-1]['content']!r}   human answer y = {row['response']!r}")
-    print(f"   p_data(·|x) = {toy.p_data(row['messages'][-1]['content'])}")
+    print(f"   p_data(·|x) = {data.toy_p_data(row['messages'][-1]['content'])}")
 
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids(row["messages"])
     print("\n2. the prompt through the chat template, the ids the model generates from and trains on")
@@ -62,8 +61,7 @@ def main(model_name: str = "toy") -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)  # plain gradient steps show the direction
     for step in range(4):
         # the policy p_θ, starting at θ = θ0: scored by the call that scored the opponent, on the same batch
-        real, generated = spin.pair_logps(model, [pair], args.max_prompt_length, args.max_length, args.bf16,
-                                          args.padding_free)
+        real, generated = spin.pair_logps(model, [pair], args)
         losses, real_rewards, generated_rewards = spin_loss(
             real, generated, torch.tensor([pair["opponent_real_logp"]]), torch.tensor([pair["opponent_generated_logp"]]),
             beta=args.beta)

@@ -10,13 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import batching  # noqa: E402
+import data  # noqa: E402
 import spin  # noqa: E402
-from logps import batch_logps  # noqa: E402
+from machinery.logps import batch_logps  # noqa: E402
 
 
 class ContinuedSFT:
-    """SFT of `model` on `sequences` (batching.build_sequence: prompt + human reply), run in blocks: one
+    """SFT of `model` on `sequences` (data.build_sequence: prompt + human reply), run in blocks: one
     block per SPIN iteration, each with its own optimizer and warmup/decay schedule as SPIN builds one
     per iteration. Batches come from one seeded stream of shuffles that carries over between blocks."""
 
@@ -29,7 +29,7 @@ class ContinuedSFT:
         while len(self.order) < self.batch_size:
             self.order += torch.randperm(len(self.sequences), generator=self.generator).tolist()
         batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return batching.collate([self.sequences[i] for i in batch])
+        return data.collate([self.sequences[i] for i in batch])
 
     def run(self, steps: int, learning_rate: float, warmup_ratio: float = 0.1, max_grad_norm: float = 1.0) -> list[float]:
         """`steps` optimizer steps; returns each step's mean per-token loss (−log p of the reply tokens)."""

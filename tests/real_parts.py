@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 import data
-import models
-from models import sha256
+from machinery import models
+from machinery.models import sha256
 
 SDIST = ("llama-cpp-python", "0.3.36")
 VOCABS = {  # file in the sdist's vendor/llama.cpp/models/ -> sha256

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import batching
-import distributed
+import data
+from machinery import batching
+from machinery import distributed
 import generate
-import logps
+from machinery import logps
 from conftest import tiny_mistral
 from loss import sequence_logps
 
@@ -150,7 +151,7 @@ def test_flash_attention_gets_its_varlen_arguments_computed_once_on_the_host():
     each time; here once per batch, from the same position ids: the same numbers."""
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-    sequences = [batching.build_sequence(list(range(3, 3 + p)), list(range(40, 40 + r)), 64, 128)
+    sequences = [data.build_sequence(list(range(3, 3 + p)), list(range(40, 40 + r)), 64, 128)
                  for p, r in ((5, 7), (12, 3), (2, 2), (9, 30))]
     batch = batching.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences))
     ours = batching.varlen_kwargs(batch["position_ids"])
@@ -186,7 +187,7 @@ def test_on_cuda_the_fast_path_gives_the_definitions_log_probs_in_bf16(tokenizer
     replies = [[32, 29, 19, 31, 24, 37, 25, 27, 29, 2], [33, 2]]
     for padding_free in (False, True):
         fast, _ = logps.score(model, prompts, replies, 32, 48, bf16=True, padding_free=padding_free)
-        batch = batching.collate([batching.build_sequence(p, r, 32, 48) for p, r in zip(prompts, replies)])
+        batch = data.collate([data.build_sequence(p, r, 32, 48) for p, r in zip(prompts, replies)])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].cuda(), attention_mask=batch["attention_mask"].cuda()).logits
         plain = sequence_logps(logits.float(), batch["labels"].cuda())
@@ -203,9 +204,10 @@ def test_on_cuda_the_first_loss_is_log_2_to_bf16_rounding(tokenizer):
     pairs = [{"prompt_ids": [5, 7, 31, 24, 2, 7, 6, 7], "real_ids": [32, 29, 2], "generated_ids": [33, 29, 27, 2]},
              {"prompt_ids": [5, 7, 30, 2, 7, 6, 7], "real_ids": [33, 2], "generated_ids": [33, 30, 2]}]
     args = argparse.Namespace(per_device_train_batch_size=1, max_prompt_length=32, max_length=48, bf16=True,
-                              quiet=True, rank=0, padding_free=True)
+                              quiet=True, rank=0, padding_free=True,
+                              fast_logps=True)
     spin.opponent_logps(model, pairs, args)
-    real, generated = spin.pair_logps(model, pairs, 32, 48, True, True)
+    real, generated = spin.pair_logps(model, pairs, args)
     from loss import spin_loss
 
     losses, _, _ = spin_loss(real, generated, torch.tensor([p["opponent_real_logp"] for p in pairs]).cuda(),

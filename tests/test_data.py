@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-import batching
 import data
 from loss import IGNORE_INDEX
 
@@ -26,7 +25,7 @@ def test_labels_decode_to_exactly_the_response_plus_eos(tokenizer, turn, respons
     assert row["response"] == response
     assert row["messages"][0]["role"] == "system"  # the system prompt stays in the prompt
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids(row["messages"])
-    sequence = batching.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"]), 512, 1024)
+    sequence = data.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"]), 512, 1024)
     assert tokenizer.decode(labelled(sequence)) == response + tokenizer.eos_token
     assert sequence["input_ids"][: len(prompt_ids)] == prompt_ids  # the response follows the prompt ids
     # and the whole sequence is what the chat template renders for the full conversation
@@ -37,21 +36,21 @@ def test_labels_decode_to_exactly_the_response_plus_eos(tokenizer, turn, respons
 def test_a_cut_response_is_trained_without_eos(tokenizer):
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "12+34"}])
     response_ids = data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "12+34"}], "12+34=46")
-    sequence = batching.build_sequence(prompt_ids, response_ids, 512, len(prompt_ids) + 5)
+    sequence = data.build_sequence(prompt_ids, response_ids, 512, len(prompt_ids) + 5)
     assert tokenizer.decode(labelled(sequence)) == "12+34"
     assert tokenizer.eos_token_id not in labelled(sequence)
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_keeps_the_assistant_header(tokenizer):
     prompt_ids = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "x" * 50}])
-    sequence = batching.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "x" * 50}], "ok"), 8, 20)
+    sequence = data.build_sequence(prompt_ids, data.ChatFormat(tokenizer).reply_ids([{"role": "user", "content": "x" * 50}], "ok"), 8, 20)
     assert sequence["input_ids"][:8] == prompt_ids[-8:]
     assert tokenizer.decode(sequence["input_ids"][:8]).endswith("</s>\n<|assistant|>\n")
     assert tokenizer.decode(labelled(sequence)) == "ok</s>"
 
 
 def test_collate_pads_labels_with_ignore_index(tokenizer):
-    batch = batching.collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
                           {"input_ids": [5], "labels": [IGNORE_INDEX]}], pad_token_id=3)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
@@ -104,14 +103,13 @@ def test_bad_rows_name_the_row(tmp_path, record, message):
 
 
 def test_toy_rows_follow_p_data():
-    import toy
 
-    rows = toy.make_rows("train")
+    rows = data.toy_rows("train")
     assert len(rows) == 2000 and not {r["messages"][0]["content"] for r in rows} & {
-        r["messages"][0]["content"] for r in toy.make_rows("test")}  # held-out prompts are held out
+        r["messages"][0]["content"] for r in data.toy_rows("test")}  # held-out prompts are held out
     short = sum(r["response"] == str(sum(map(int, r["messages"][0]["content"].split("+")))) for r in rows)
     assert 0.45 < short / len(rows) < 0.55  # the form "s" has probability 0.5 (binomial sd 0.011)
-    assert toy.p_data("3+3") == {"6": 0.5, "3+3=6": 0.5}  # forms that coincide add up
+    assert data.toy_p_data("3+3") == {"6": 0.5, "3+3=6": 0.5}  # forms that coincide add up
 
 
 def test_a_directory_of_shards_in_the_official_spin_layout_loads_as_load_dataset_reads_it(tmp_path):
@@ -133,3 +131,14 @@ def test_a_directory_of_shards_in_the_official_spin_layout_loads_as_load_dataset
     assert [r["response"] for r in data.load_rows(str(tmp_path), split="test")] == ["human answer 9"]
     with pytest.raises(data.DataError, match="could not be read as a data set, split 'validation'"):
         data.load_rows(str(tmp_path), split="validation")
+
+
+def test_every_random_stream_of_a_run_has_its_own_seed():
+    """The streams of one run never share a seed, however many ranks, epochs or batches: before, the order
+    of (t=0, epoch=n) and a rank's sampling batch n of iteration 0 both drew from --seed + n."""
+    keys = [(stream, t, rank, epoch, batch) for stream in data.STREAMS for t in range(4) for rank in range(64)
+            for epoch in range(3) for batch in range(6)]
+    seeds = {data.seed(42, *key) for key in keys}
+    assert len(seeds) == len(keys)
+    assert data.seed(42, "order", 1, epoch=1) == data.seed(42, "order", 1, epoch=1)  # a resumed run redraws it
+    assert all(0 <= s < 2**63 for s in seeds)  # torch.manual_seed's range

@@ -68,3 +68,12 @@ def test_the_walkthrough_runs_and_shows_what_the_page_says(small_sft_model):
     # are compared with a tolerance of one unit in the last printed place, not as text.
     assert abs(margins[0]) <= 1e-4 and abs(losses[0] - math.log(2)) <= 1e-4  # ℓ(0) = log 2 at θ = θ_t
     assert margins[-1] > margins[0]  # the steps raise the margin
+
+
+def test_the_readmes_file_tables_count_lines_truly_and_list_every_module():
+    text = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (\d+) \|", text, flags=re.M))
+    for path, count in rows.items():
+        assert len((ROOT / path).read_text().splitlines()) == int(count), f"README: {path} has another length"
+    modules = {p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *(ROOT / "machinery").glob("*.py")]}
+    assert modules - {"machinery/__init__.py"} <= set(rows), sorted(modules - set(rows))

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import data
-import evaluation
+from machinery import evaluation
 import generate
-import plot
+from machinery import plot
 import spin
-import report
-import toy
+from machinery import report
 from huggingface_hub import ModelCard
 from conftest import read_jsonl, toy_run
 
@@ -26,7 +25,8 @@ SMALL = ["--max_samples", "200", "--per_device_train_batch_size", "32", "--gener
 def eval_args(pad_token_id, **overrides):
     return Namespace(**{**dict(max_new_tokens=12, greedy=False, temperature=1.0, top_p=1.0, generation_batch_size=7,
                                seed=3, quiet=True, per_device_train_batch_size=5, max_prompt_length=32, max_length=48,
-                               pad_token_id=pad_token_id, bf16=False, beta=0.7, loss_type="logistic", padding_free=True),
+                               pad_token_id=pad_token_id, bf16=False, beta=0.7, loss_type="logistic", padding_free=True,
+                               fast_logps=True),
                          **overrides})
 
 
@@ -45,7 +45,7 @@ def test_heldout_numbers_equal_an_independent_computation(tokenizer, small_sft_m
     after = copy.deepcopy(before)  # θ_s: the same model, moved a little
     torch.manual_seed(5)
     after.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in before.state_dict().items()})
-    rows = toy.make_rows("test")[:17]
+    rows = data.toy_rows("test")[:17]
     heldout = {"rows": rows, "prompts": [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows],
                "real_ids": [data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]) for r in rows]}
     args = eval_args(tokenizer.pad_token_id)
@@ -55,7 +55,8 @@ def test_heldout_numbers_equal_an_independent_computation(tokenizer, small_sft_m
 
     x, y = heldout["prompts"], heldout["real_ids"]
     y0 = [r["generated_ids"] for r in first]
-    assert y0 == [g["generated_ids"] for g in generate.generate(before, tokenizer, x, 12, True, 1.0, 1.0, 7, 3 + 500_000)]
+    held_out_stream = data.seed(3, "heldout", 0)  # θ_0's held-out samples: the "heldout" stream of --seed 3
+    assert y0 == [g["generated_ids"] for g in generate.generate(before, tokenizer, x, 12, True, 1.0, 1.0, 7, held_out_stream)]
     real_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y)]
     real_before = [logp_one_by_one(before, p, r) for p, r in zip(x, y)]
     generated_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y0)]
@@ -87,7 +88,7 @@ def test_heldout_rows_are_taken_out_of_the_training_data():
                          dataset_revision=None, dataset_config=None)
     train, held = evaluation.heldout_rows(rows, toy_args)
     assert train is rows and len(held) == 50
-    assert {r["messages"][0]["content"] for r in held} <= {r["messages"][0]["content"] for r in toy.make_rows("test")}
+    assert {r["messages"][0]["content"] for r in held} <= {r["messages"][0]["content"] for r in data.toy_rows("test")}
 
 
 def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(small_sft_model, tmp_path):
@@ -97,7 +98,7 @@ def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(
 
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model).eval()
-    questions = [r["messages"][0]["content"] for r in toy.make_rows("test")[:40]]
+    questions = [r["messages"][0]["content"] for r in data.toy_rows("test")[:40]]
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": q}]) for q in questions]
     answers = [a["text"] for a in generate.generate(model, tokenizer, prompts, 16, do_sample=False, batch_size=40)]
     docs = [{"question": q, "answer": a if i % 2 == 0 else a + "!"} for i, (q, a) in enumerate(zip(questions, answers))]

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import data
-import models
+from machinery import models
 import generate
 import spin
-import toy
 from conftest import read_jsonl, tiny_mistral, toy_run
 from test_theory import P_DATA, P_T, minimize, tabular_spin_loss
 
@@ -47,7 +46,7 @@ def test_exercise_7_greedy_responses_are_likelier_under_the_opponent_than_sample
     args = spin.parse_args(["--model", str(small_sft_model), "--dataset", "toy", "--max_length", "48",
                             "--max_prompt_length", "32"])
     tokenizer, model = models.load_model(args.model)
-    rows = toy.make_rows("train")[:100]
+    rows = data.toy_rows("train")[:100]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     mean_logp = {}
     for greedy in (True, False):
@@ -93,10 +92,10 @@ def test_exercise_9_dropout_breaks_the_first_step_identity(tokenizer):
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)
+        real, generated = spin.pair_logps(model, pairs, args)
     assert abs(real.item() - pairs[0]["opponent_real_logp"]) > 1e-3  # θ = θ_t, and yet log-ratio ≠ 0
     spin.disable_dropout(model)  # what spin.train does first
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)  # still in training mode
+        real, generated = spin.pair_logps(model, pairs, args)  # still in training mode
     assert real.item() == pytest.approx(pairs[0]["opponent_real_logp"], abs=1e-6)
     assert generated.item() == pytest.approx(pairs[0]["opponent_generated_logp"], abs=1e-6)

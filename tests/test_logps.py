@@ -4,10 +4,11 @@ the same values and gradients."""
 import pytest
 import torch
 
-import batching
-import logps
+import data
+from machinery import batching
+from machinery import logps
 import loss
-from logps import batch_logps
+from machinery.logps import batch_logps
 
 
 def reference(logits, labels):
@@ -79,10 +80,10 @@ def test_batch_logps_equals_the_full_forward_and_its_gradient(kind, monkeypatch)
     monkeypatch.setattr(logps.FusedTokenLogps, "MIN_BLOCK", 16)  # 2 x 4 tiles for the 24 positions x 61 entries
     model = tiny_model(kind, vocab=61)
     generator = torch.Generator().manual_seed(2)
-    sequences = [batching.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
+    sequences = [data.build_sequence(torch.randint(1, 61, (p,), generator=generator).tolist(),
                                      torch.randint(1, 61, (r,), generator=generator).tolist(), 64, 64)
                  for p, r in [(5, 7), (9, 2), (3, 11), (12, 4)]]
-    batch = batching.collate(sequences, pad_token_id=0)
+    batch = data.collate(sequences, pad_token_id=0)
     positions = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: positions.append(o.shape))
     full = loss.sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -131,8 +132,8 @@ def test_the_fused_head_gives_autograds_values_and_gradients_tile_by_tile(bias, 
 
 def test_the_fused_head_under_bf16_autocast_stays_near_float32_and_can_be_turned_off(monkeypatch):
     model = tiny_model("llama", vocab=61)
-    sequences = [batching.build_sequence([5, 6, 7], [8, 9, 10, 11], 64, 64), batching.build_sequence([3, 4], [12, 13], 64, 64)]
-    batch = batching.collate(sequences)
+    sequences = [data.build_sequence([5, 6, 7], [8, 9, 10, 11], 64, 64), data.build_sequence([3, 4], [12, 13], 64, 64)]
+    batch = data.collate(sequences)
     exact = batch_logps(model, batch)
     assert torch.allclose(batch_logps(model, batch, bf16=True), exact, atol=0.1)  # bf16 matmuls, float32 softmax
     monkeypatch.setenv("SPIN_FUSED_HEAD", "0")

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-import preemption
+from machinery import preemption
 
 
 @pytest.fixture

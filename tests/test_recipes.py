@@ -26,7 +26,7 @@ def as_text(value) -> str:
 
 def test_the_docs_table_is_the_recipe(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    from recipes import RECIPES
+    from machinery.recipes import RECIPES
 
     table = documented()
     args = spin.parse_args(["--model", "zephyr-7b-sft-full"])
@@ -39,7 +39,7 @@ def test_the_docs_table_is_the_recipe(monkeypatch):
 
 
 def test_the_recipes_flash_attention_falls_back_to_sdpa_where_it_cannot_run(monkeypatch):
-    import cli
+    from machinery import cli
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(cli, "flash_attention_available", lambda: False)
@@ -66,7 +66,7 @@ def test_global_batch_64_on_any_number_of_gpus(monkeypatch, world, per_device, a
 
 
 def test_a_relaunch_on_several_gpus_runs_the_same_command_under_deepspeed(monkeypatch):
-    import distributed
+    from machinery import distributed
 
     monkeypatch.delenv("RANK", raising=False)
     argv = ["spin.py", "--model", "zephyr-7b-sft-full"]
@@ -93,7 +93,7 @@ def test_the_hub_probe_goes_through_the_proxy_that_huggingface_hub_uses(monkeypa
     import huggingface_hub
     import huggingface_hub.constants
 
-    import models
+    from machinery import models
 
     seen = []
 

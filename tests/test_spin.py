@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import data
-import models
+from machinery import models
 import generate
 import spin
-import toy
 from conftest import TOY_RUN, read_jsonl, toy_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +77,7 @@ def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_it
 def toy_pairs(small_sft_model):
     args = spin.parse_args(["--model", str(small_sft_model), *TOY_RUN, *SMALL])
     tokenizer, model = models.load_model(args.model)
-    rows = toy.make_rows("train")[:64]
+    rows = data.toy_rows("train")[:64]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, seed=0)
     pairs = [{"prompt_ids": p, "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
@@ -91,7 +90,7 @@ def test_policy_logps_at_theta_t_equal_the_stored_opponent_logps(toy_pairs):
     args, model, pairs = toy_pairs
     model.train()  # as in training, with other batch compositions than the opponent pass used
     batch = pairs[::-3][:11]
-    real, generated = spin.pair_logps(model, batch, args.max_prompt_length, args.max_length)
+    real, generated = spin.pair_logps(model, batch, args)
     assert real.tolist() == pytest.approx([p["opponent_real_logp"] for p in batch], abs=1e-4)
     assert generated.tolist() == pytest.approx([p["opponent_generated_logp"] for p in batch], abs=1e-4)
 
@@ -104,7 +103,7 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     assert isinstance(trainer, spin.backends.Plain)  # no --deepspeed: the plain PyTorch path
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args.max_prompt_length, args.max_length)
+        real, generated = spin.pair_logps(model, pairs, args)
     real_logratios = real - torch.tensor([p["opponent_real_logp"] for p in pairs])
     generated_logratios = generated - torch.tensor([p["opponent_generated_logp"] for p in pairs])
     assert (real_logratios - generated_logratios).mean().item() > 0.05

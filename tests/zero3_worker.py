@@ -14,14 +14,12 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import batching  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
-import distributed  # noqa: E402
-import logps  # noqa: E402
+from machinery import models  # noqa: E402
+from machinery import distributed  # noqa: E402
+from machinery import logps  # noqa: E402
 import loss  # noqa: E402
 import spin  # noqa: E402
-import toy  # noqa: E402
 
 model_dir, out = sys.argv[-2], Path(sys.argv[-1])
 args = spin.parse_args(["--model", model_dir, "--dataset", "toy", "--deepspeed", "configs/ds_zero3.json",
@@ -30,7 +28,7 @@ args = spin.parse_args(["--model", model_dir, "--dataset", "toy", "--deepspeed",
                         "--output_dir", str(out.parent / "run")])
 distributed.setup(args)
 tokenizer, model = models.load_model(model_dir)
-rows = toy.make_rows("train")[:24]  # 3 steps of a global batch of 8
+rows = data.toy_rows("train")[:24]  # 3 steps of a global batch of 8
 pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.ChatFormat(tokenizer).prompt_ids(r["messages"]),
           "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
           "generated_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], "1+1=2")} for r in rows]
@@ -47,7 +45,7 @@ with deepspeed.zero.GatheredParameters(list(params.values())):
         result = {"steps": len(history), "max_abs_diff": diff, "names": sorted(params) == sorted(saved),
                   "losses": [h["loss"] for h in history]}
 
-batch = batching.collate([batching.build_sequence(p["prompt_ids"], p["real_ids"], 32, 48) for p in pairs[:4]])
+batch = data.collate([data.build_sequence(p["prompt_ids"], p["real_ids"], 32, 48) for p in pairs[:4]])
 engine = trainer.policy
 assert logps.fused_head(engine)
 engine.backward(-logps.batch_logps(engine, batch).sum())

@@ -21,7 +21,7 @@ through autograd as nn.Linear's does. Every function here gives the numbers of
 loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py, tests/test_zero3.py).
 SPIN_FUSED_HEAD=0 turns the fused path off (benchmarks, comparisons).
 
-The batch's rows are either padded, one sequence each (batching.collate), or packed, several
+The batch's rows are either padded, one sequence each (data.collate), or packed, several
 sequences end to end with no padding between them (batching.pack, score(padding_free=True)) on the
 model types in PADDING_FREE_MODELS.
 """
@@ -29,18 +29,29 @@ import os
 
 import torch
 
-import batching
-from loss import IGNORE_INDEX
+import data
+from machinery import batching
+from loss import IGNORE_INDEX, sequence_logps
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int, max_length: int,
-          bf16: bool = False, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) log p(response|prompt) of a batch of id lists, cut as in training (batching.build_sequence),
+          bf16: bool = False, padding_free: bool = False, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
-    training and evaluation. padding_free: the sequences packed into rows without padding
-    (batching.pack) where the model reads sequences off position ids (packs(model)); otherwise padded."""
+    training and evaluation. fast=False (--no-fast_logps): the textbook path, loss.sequence_logps on
+    the model's (B, T, V) logits of padded rows, the definition as a reader reads it. fast=True: the
+    head computes only response positions (batch_logps), and with padding_free the sequences are
+    packed into rows without padding (batching.pack) where the model reads sequences off position
+    ids (packs(model)); otherwise padded. Both give the same numbers to float rounding (tests)."""
     device = next(model.parameters()).device
-    sequences = [batching.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
+    sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
+    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
+    if not fast:
+        batch = {k: v.to(device) for k, v in data.collate(sequences).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits  # (B, T, V)
+        return sequence_logps(logits, batch["labels"]), tokens  # (B,), (B,)
     if padding_free and packs(model):
         # FlashAttention finds the sequences in the position ids of a batch of ONE row only (varlen); SDPA and
         # eager get a block-diagonal mask per row, rows about as wide as the longest sequence (batching.fullest_width:
@@ -50,8 +61,7 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
         if one_row:
             batch.update(batching.varlen_kwargs(batch["position_ids"]))
     else:
-        batch = batching.collate(sequences)
-    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
+        batch = data.collate(sequences)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
 
@@ -59,7 +69,7 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
 @torch.no_grad()
 def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int, max_prompt_length: int,
               max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False,
-              padding_free: bool = False) -> list[tuple[float, int]]:
+              padding_free: bool = False, fast: bool = True) -> list[tuple[float, int]]:
     """score() in batches of batch_size, without gradients: [(log p(response|prompt), response tokens
     scored)] in the order given. The opponent pass and held-out evaluation both score through it."""
     from tqdm import tqdm
@@ -68,7 +78,7 @@ def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None if progress else True):
         logps, tokens = score(model, prompts[start:start + batch_size], responses[start:start + batch_size],
-                              max_prompt_length, max_length, bf16, padding_free)  # (b,), (b,)
+                              max_prompt_length, max_length, bf16, padding_free, fast)  # (b,), (b,)
         out += zip(logps.tolist(), tokens.tolist())
     return out
 
@@ -102,7 +112,7 @@ def packs(model) -> bool:
 
 
 def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
-    """(S,) log p(y|x) of the S sequences of a batch from batching.collate (input_ids, attention_mask,
+    """(S,) log p(y|x) of the S sequences of a batch from data.collate (input_ids, attention_mask,
     labels: a sequence per row) or batching.pack (input_ids, position_ids, labels, sequence: rows of
     several sequences, which the position ids tell apart, and no attention mask)."""
     labels = batch["labels"]  # (B, T)

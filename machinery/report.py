@@ -9,15 +9,15 @@ import time
 import uuid
 from pathlib import Path
 
-import checkpoint
+from machinery import checkpoint
 import data
-import distributed
-from distributed import print0
-import evaluation
+from machinery import distributed
+from machinery.distributed import print0
+from machinery import evaluation
 import generate as gen
-import hub
-import models
-import plot
+from machinery import hub
+from machinery import models
+from machinery import plot
 
 TRAINING = ["loss", "margin", "reward_accuracy"]  # mean of the iteration's last 10 optimizer steps
 HELDOUT = ["eval_loss", "eval_margin", "eval_reward_accuracy", "eval_real_logp", "eval_generated_length"]
@@ -209,7 +209,8 @@ def model_card(config: dict, row: dict, start: dict) -> str:
 
 class Report:
     """Rank 0's account of a run: θ_0's held-out numbers, then after every iteration its row (printed,
-    complete.json, model card, evaluation.jsonl, spin.png, TensorBoard), and the summary at the end.
+    model card, evaluation.jsonl, spin.png, TensorBoard), and the summary at the end. It reports only:
+    the markers a resumed run reads are the run directory's (machinery/rundir.py).
     Evaluation runs on rank 0 alone (a whole copy of the model); the other ranks wait for it."""
 
     def __init__(self, run: Path, args, config: dict, tokenizer, run_data):
@@ -225,7 +226,7 @@ class Report:
         if measured:
             start = {"iteration": "start", **self.evaluate(model, 0)}
             checkpoint.write_atomic(self.run / "start.json", json.dumps(start))
-        distributed.barrier(self.args)
+        distributed.barrier()
         if not self.rank0:
             return
         self.summary = [json.loads((self.run / "start.json").read_text())] + \
@@ -254,9 +255,9 @@ class Report:
                 stale.unlink(missing_ok=True)
 
     def end_iteration(self, t: int, model, pairs: list[dict], train_pairs: list[dict], history: list[dict],
-                      learning_rate: float) -> None:
-        """θ_{t+1}'s row; iter{t}/complete.json, the marker that the iteration is done, is written last
-        (also into the run directory of every node that keeps its own)."""
+                      learning_rate: float) -> dict:
+        """θ_{t+1}'s row: measured, printed, logged, drawn, carded (and pushed with --push_to_hub) on
+        rank 0, returned on every rank (the caller marks the iteration complete with it)."""
         row = None
         if self.rank0:
             args, it = self.args, self.run / f"iter{t}"
@@ -270,8 +271,6 @@ class Report:
                    "seconds": round(time.time() - self.started, 1),
                    "sample": pairs[0]["generated"][-1]["content"], "sample_after": after["text"]}
             checkpoint.write_atomic(it / "model" / "README.md", model_card(self.config, row, self.summary[0]))
-            checkpoint.write_atomic(it / "complete.json", json.dumps(row))  # the marker: written last
-            checkpoint.clean(it)
             print_row(row, self.cols)
             self.summary.append(row)
             self.tracker.log_eval(row, t + 1)
@@ -279,10 +278,7 @@ class Report:
             plot.draw(self.run)
             self.drawn = len(self.summary)
             hub.push(args, self.run, t)  # --push_to_hub: the model, its card, the plot
-        row = distributed.broadcast(self.args, row)  # the other ranks wait here for rank 0's evaluation
-        if distributed.writer(self.args) and not self.rank0:
-            checkpoint.write_atomic(self.run / f"iter{t}" / "complete.json", json.dumps(row))
-            checkpoint.clean(self.run / f"iter{t}")
+        return distributed.broadcast(row)  # the other ranks wait here for rank 0's evaluation
 
     def finish(self) -> None:
         if not self.rank0:

@@ -10,7 +10,7 @@ held-out log-likelihood of the human responses, and the task metrics (the toy's,
 import json
 from pathlib import Path
 
-import checkpoint
+from machinery import checkpoint
 
 
 def panels(run: Path) -> dict[str, dict]:

@@ -2,18 +2,19 @@
 8×A100 recipe). Both offer the same few operations, so spin.train has one loop for either:
 
     trainer = backends.trainer(model, optimizer, args)    # chosen once
-    trainer.backward(loss, last)    trainer.clip() -> gradient norm    trainer.update()
+    trainer.backward(loss, last)    trainer.step() -> gradient norm (clipped to --max_grad_norm, applied)
     trainer.save_state / load_state (mid-iteration resume)    trainer.save_model (θ_{t+1})
     trainer.release()    (the iteration is over: its optimizer state is freed)
 """
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
-import checkpoint
-import distributed
+from machinery import checkpoint, distributed
+from machinery.cli import pairs_per_step
 
 
 def deepspeed_config(args) -> dict:
@@ -21,7 +22,7 @@ def deepspeed_config(args) -> dict:
     config = json.loads(Path(args.deepspeed).read_text())
     fill = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "train_batch_size": pairs_per_step(args),
             "gradient_clipping": args.max_grad_norm}
     for key, value in fill.items():
         if config.get(key, "auto") == "auto":
@@ -35,10 +36,10 @@ class Plain:
     """One process, plain PyTorch: the optimizer steps the model itself.
 
     The few operations a training step needs, the same for both backends (spin.train):
-    backward(loss, last), clip() -> gradient norm, update(), save_state / load_state (the step to
-    continue from, 0 with nothing saved), save_model."""
+    backward(loss, last), step() -> gradient norm, save_state / load_state (the step to continue
+    from, 0 with nothing saved), save_model, release."""
 
-    applies_before_check = False  # clip() only measures and clips; update() applies the step
+    applies_before_check = False  # step() applies nothing when the gradient norm is not finite
 
     def __init__(self, model, optimizer, args):
         self.policy, self.optimizer, self.max_grad_norm = model, optimizer, args.max_grad_norm
@@ -46,12 +47,14 @@ class Plain:
     def backward(self, loss, last: bool) -> None:
         loss.backward()
 
-    def clip(self) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm).item()
-
-    def update(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self) -> float:
+        """Clip the gradients to --max_grad_norm and step the optimizer; returns the norm before
+        clipping. A non-finite norm is returned without a step (spin.train stops the run on it)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm).item()
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def save_state(self, path: Path, scheduler, step: int) -> None:
         checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
@@ -73,7 +76,7 @@ class Zero3:
     """DeepSpeed ZeRO-3: the engine partitions weights, gradients and optimizer state over the ranks
     and steps the optimizer on each rank's partition."""
 
-    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call
+    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call, norm or not
 
     def __init__(self, model, optimizer, args):
         import deepspeed
@@ -86,12 +89,10 @@ class Zero3:
         self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
         self.policy.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean share
 
-    def clip(self) -> float:
-        self.policy.step()  # clips to --max_grad_norm and steps RMSProp on this rank's partition
+    def step(self) -> float:
+        """Clip to --max_grad_norm and step RMSProp on this rank's partition; returns the global norm."""
+        self.policy.step()
         return float(self.policy.get_global_grad_norm())
-
-    def update(self) -> None:
-        pass  # done by engine.step() in clip()
 
     def save_state(self, path: Path, scheduler, step: int) -> None:
         """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's checkpoint
@@ -100,18 +101,18 @@ class Zero3:
         tmp = path.with_name(path.name + ".tmp")
         if distributed.writer(self.args):
             shutil.rmtree(tmp, ignore_errors=True)
-        distributed.barrier(self.args)
+        distributed.barrier()
         self.policy.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False, client_state={
             "step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
-        distributed.barrier(self.args)  # every rank's files are written
+        distributed.barrier()  # every rank's files are written
         if distributed.writer(self.args):
             checkpoint.replace_dir(tmp, path)
-        distributed.barrier(self.args)
+        distributed.barrier()
 
     def load_state(self, path: Path, scheduler) -> int:
         """Each rank reads its own partition's files (never another rank's), unpickling no code."""
         saved = checkpoint.saved_state(path)
-        if not checkpoint.agreed(self.args, path.parent.parent, f"has a training state in {path}", saved is not None):
+        if not checkpoint.agreed(path.parent.parent, f"has a training state in {path}", saved is not None):
             return 0
         _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
         scheduler.load_state_dict(client["scheduler"])
@@ -136,7 +137,7 @@ class Zero3:
                     state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
         if writes:
             checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state)
-        distributed.barrier(args)
+        distributed.barrier()
 
 
     def release(self) -> None:

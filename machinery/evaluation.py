@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
+from machinery import checkpoint
 import data
 import generate as gen
 import toy
-from logps import score_all
+from machinery.logps import score_all
 from loss import spin_loss
 
 
@@ -46,7 +46,7 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
     source = args.eval_dataset or ("toy" if args.dataset == "toy" else None)
     if source:
         same = source == args.dataset  # the same data set: the same revision and configuration
-        held = toy.load_rows(source, args.eval_split, args.turn, "--eval_dataset", args.dataset_revision if same else None,
+        held = data.load_rows(source, args.eval_split, args.turn, "--eval_dataset", args.dataset_revision if same else None,
                              args.dataset_config if same else None)
         if len(held) > args.eval_samples:
             held = [held[i] for i in sorted(random.Random(args.seed).sample(range(len(held)), args.eval_samples))]
@@ -57,9 +57,10 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], args, desc: str) -> list[tuple[float, int]]:
-    """(log p(response|prompt), scored tokens) for each pair, cut as in training (batching.build_sequence)."""
+    """(log p(response|prompt), scored tokens) for each pair, cut as in training (data.build_sequence)."""
     return score_all(model, prompts, responses, args.per_device_train_batch_size, args.max_prompt_length,
-                     args.max_length, args.bf16, desc, progress=not args.quiet, padding_free=args.padding_free)
+                     args.max_length, args.bf16, desc, progress=not args.quiet, padding_free=args.padding_free,
+                     fast=args.fast_logps)
 
 
 def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dict] | None, args, path: Path,
@@ -135,7 +136,7 @@ def lm_eval_scores(model, tokenizer, args, path: Path) -> dict:
 
 def task_manager(args):
     """lm-eval's task index: its built-in tasks, this repository's evals/ and --eval_include_path."""
-    return _task_manager(str(Path(__file__).resolve().parent / "evals"), args.eval_include_path)
+    return _task_manager(str(Path(__file__).resolve().parents[1] / "evals"), args.eval_include_path)
 
 
 @functools.cache  # indexing every task YAML takes ~10 s: once per process
@@ -147,7 +148,7 @@ def _task_manager(*paths):
 
 def check_tasks(args) -> None:
     """Refuse unknown --eval_tasks before anything is written (indexing lm-eval's tasks takes ~10 s)."""
-    from cli import UsageError
+    from machinery.cli import UsageError
 
     known = set(task_manager(args).all_tasks)
     unknown = [t for t in args.eval_tasks if t not in known]
@@ -159,7 +160,7 @@ def check_tasks(args) -> None:
 def toy_metrics(model, tokenizer, split: str = "test", max_new_tokens: int = 16, batch_size: int = 500) -> dict:
     """The toy's task metrics on a split's prompts, from the model's greedy answers to them: accuracy,
     exact distance to p_data (toy.evaluate)."""
-    rows = toy.make_rows(split)
+    rows = data.toy_rows(split)
     chat = data.ChatFormat(tokenizer)
     greedy = gen.generate(model, tokenizer, [chat.prompt_ids(r["messages"]) for r in rows], max_new_tokens,
                           do_sample=False, batch_size=batch_size)

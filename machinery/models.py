@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data import first_line
-from distributed import print0
+from machinery.distributed import print0
 
 
 class ModelError(ValueError):

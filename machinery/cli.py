@@ -8,12 +8,13 @@ refused here, before anything is loaded or written, with one line naming the fla
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-import distributed
-from recipes import DEFAULTS, RECIPES
+from machinery import distributed
+from machinery.recipes import DEFAULTS, RECIPES
 
 TRACKERS = ("tensorboard", "wandb", "trackio")  # --report_to: report.Tracker writes to each
 
@@ -76,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
                    help="pack each forward's sequences into rows without padding (batching.pack; models in "
                    "logps.PADDING_FREE_MODELS, any attention implementation); default: on, except in the toy recipe")
+    g.add_argument("--fast_logps", action=argparse.BooleanOptionalAction, default=None,
+                   help="log p(y|x) through the fast path (machinery/logps.py: the LM head on response positions "
+                   "only, fused with the log-softmax, packed rows); --no-fast_logps: loss.sequence_logps on the "
+                   "model's logits of padded rows, the code a reader reads; default: on, except in the toy recipe")
     g = p.add_argument_group("generation (the opponent's samples)")
     g.add_argument("--max_new_tokens", type=int)
     g.add_argument("--temperature", type=float)
@@ -145,6 +150,44 @@ def trackers(names) -> list[str]:
 
 
 DERIVED = {"recipe", "world_size"}  # in a run's config.json, recomputed rather than read
+NOT_CONFIG = {"rank", "local_rank", "plot", "config"}  # never written to config.json
+
+
+def pairs_per_step(args) -> int:
+    """The global batch: pairs per optimizer step over all ranks (the paper's 64)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def run_config(args) -> dict:
+    """What a run's config.json records: every setting that says what the run computes."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+
+
+def run_main(main, argv=None) -> int:
+    """main(argv) as a command: bad input turned into one line on stderr and exit status 2, a diverged
+    run into status 1, a run stopped by a signal with its state saved into EXIT_RESUMABLE (75)."""
+    from machinery import checkpoint, preemption
+    from machinery.models import ModelError
+    from machinery.steps import TrainingDiverged
+    import data
+
+    preemption.install()
+    try:
+        main(argv)
+    except (UsageError, ModelError, data.DataError, checkpoint.RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except preemption.Stopped as e:
+        if distributed.world()[0] == 0:  # every rank stops; one says so
+            print(e, file=sys.stderr)
+        return preemption.EXIT_RESUMABLE
+    finally:
+        checkpoint.unlock()  # for callers in the same process (tests); a process's exit releases it anyway
+        preemption.reset()
+    return 0
 
 
 def config_file(parser: argparse.ArgumentParser, argv) -> dict:
@@ -224,7 +267,7 @@ def from_accelerate_launch(args) -> None:
         if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             args.deepspeed = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
         elif stage == "3":
-            args.deepspeed = str(Path(__file__).resolve().parent / "configs" / "ds_zero3.json")
+            args.deepspeed = str(Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json")
         else:
             raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe trains with ZeRO-3; "
                              f"set zero_stage: 3 or deepspeed_config_file in the accelerate config, or pass --deepspeed")
@@ -233,13 +276,13 @@ def from_accelerate_launch(args) -> None:
 def validate(args) -> None:
     checks = [
         (args.iters >= 1, "--iters must be at least 1"),
+        (args.seed >= 0, "--seed must be 0 or more"),
         (args.beta > 0, "--beta (λ) must be positive"),
         (all(lr > 0 for lr in args.learning_rate), "--learning_rate values must be positive"),
         (args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
         (args.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (not args.global_batch_size or args.global_batch_size == args.per_device_train_batch_size
-         * args.gradient_accumulation_steps * args.world_size,
+        (not args.global_batch_size or args.global_batch_size == pairs_per_step(args),
          f"--global_batch_size {args.global_batch_size} is not --per_device_train_batch_size "
          f"{args.per_device_train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} × "
          f"{args.world_size} processes"),
@@ -261,6 +304,8 @@ def validate(args) -> None:
          f"--eval_include_path {args.eval_include_path}: no such directory"),
         (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
         (args.deepspeed is None or Path(args.deepspeed).is_file(), f"--deepspeed {args.deepspeed}: no such file"),
+        (args.world_size == 1 or args.deepspeed, f"{args.world_size} processes were launched without --deepspeed; "
+         f"pass --deepspeed configs/ds_zero3.json"),
         (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
          "--attn_implementation must be eager, sdpa or flash_attention_2"),
     ]

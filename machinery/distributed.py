@@ -18,7 +18,9 @@ tokens.jsonl, synthetic.jsonl, opponent_logps.jsonl, the next opponent's model/,
 ZeRO-3 training state of its ranks), and rank 0's copy also holds the reports (evaluation, plot,
 TensorBoard). Without --deepspeed and with one process, every function here is a no-op.
 """
+import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -54,12 +56,12 @@ def find_shared_disk(args, run: Path) -> None:
     import uuid
 
     probe = f".probe-{uuid.uuid4().hex}" if args.rank == 0 else None
-    barrier(args)  # every rank has looked at its directory before the probe appears
+    barrier()  # every rank has looked at its directory before the probe appears
     if args.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / probe).write_text("")
-    seen = all_gather(args, [(run / broadcast(args, probe)).exists()])
-    barrier(args)
+    seen = all_gather([(run / broadcast(probe)).exists()])
+    barrier()
     if args.rank == 0:
         (run / probe).unlink()
     _own_copies.append(not all(seen))
@@ -71,9 +73,9 @@ def writer(args) -> bool:
     return local_rank() == 0 if _own_copies == [True] else args.rank == 0
 
 
-def broadcast(args, value):
+def broadcast(value):
     """Rank 0's value, on every rank (a Python object)."""
-    if args.world_size == 1:
+    if not _several():
         return value
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=0)
@@ -98,6 +100,34 @@ def bars_off(args) -> bool | None:
     """tqdm's disable: off with --quiet and on every rank but 0; None lets tqdm turn them off when
     stderr is not a terminal."""
     return True if args.quiet or args.rank != 0 else None
+
+
+def start(args, relaunch: bool) -> None:
+    """The ranks of a run, before anything else: `python spin.py --deepspeed ...` on a machine with
+    several GPUs relaunches itself over all of them (relaunch: called as a command); every rank
+    takes its device and joins the group (setup)."""
+    if args.deepspeed and relaunch:
+        exit_if_relaunched(sys.argv)
+    setup(args)
+
+
+def shard(n: int, args) -> list[int]:
+    """This rank's share of n items: items rank, rank + world, rank + 2·world, ..."""
+    return list(range(args.rank, n, args.world_size))
+
+
+def micro_batches(step_pairs: list, size: int, args) -> list[tuple[list, float]]:
+    """This rank's micro-batches of one optimizer step (its shard, `size` pairs each), with each one's
+    weight: the factor that turns its loss sum into its share of the step's mean over all ranks.
+    Every rank runs the same number (ZeRO-3 gathers weights in each forward, a collective): a rank
+    short of pairs in the last step runs one pair with weight 0."""
+    mine = step_pairs[args.rank::args.world_size]
+    count = math.ceil(math.ceil(len(step_pairs) / args.world_size) / size)
+    out = []
+    for k in range(count):
+        batch = mine[k * size:(k + 1) * size]
+        out.append((batch, args.world_size / len(step_pairs)) if batch else (step_pairs[:1], 0.0))
+    return out
 
 
 def setup(args) -> None:
@@ -153,33 +183,47 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def barrier(args) -> None:
-    if args.world_size > 1:
+def _several() -> bool:
+    """Whether this process is one of several ranks in a process group (collectives need no arguments:
+    the group knows its size)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _here() -> torch.device:
+    """Where the group's tensors live: NCCL's on this rank's current GPU (set by setup), gloo's on the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if _several():
         torch.distributed.barrier()
 
 
-def all_gather(args, items: list) -> list:
+def all_gather(items: list) -> list:
     """Every rank's list, concatenated in rank order (a Python object per rank: small lists only)."""
-    if args.world_size == 1:
+    if not _several():
         return items
-    gathered = [None] * args.world_size
+    gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
 
 
-def any_rank(args, flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (a collective: every rank must call it)."""
-    if args.world_size == 1:
+    if not _several():
         return flag
-    tensor = torch.tensor([float(flag)], device=device(args))
+    tensor = torch.tensor([float(flag)], device=_here())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return bool(tensor.item())
 
 
-def all_sum(args, values: list[float]) -> list[float]:
-    if args.world_size == 1:
+def all_sum(values: list[float]) -> list[float]:
+    if not _several():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device(args))
+    tensor = torch.tensor(values, dtype=torch.float64, device=_here())
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 

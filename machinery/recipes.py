@@ -25,6 +25,7 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     max_grad_norm=1.0,  # Hugging Face Trainer's default, which the official code runs under
     group_by_length=False,  # random optimizer steps, as the paper's; on: similar-length pairs (batching.grouped_by_length)
     padding_free=True,  # each forward's sequences packed into rows without padding where the model allows (batching.pack)
+    fast_logps=True,  # log p(y|x) through machinery/logps.py; False: loss.sequence_logps on the logits
     max_length=1024,
     max_prompt_length=512,
     max_new_tokens=256,
@@ -80,7 +81,7 @@ RECIPES = {
         max_samples=64,
         iters=3,
         beta=0.1,  # the paper's λ
-        learning_rate=[2e-6],  # measured to move the held-out log-likelihood (../shared/lab-notes.md), not tuned
+        learning_rate=[2e-6],  # moved the held-out log-likelihood of the human replies (docs/results.md), not tuned
         num_train_epochs=2,
         per_device_train_batch_size=8,
         warmup_ratio=0.1,
@@ -106,7 +107,8 @@ RECIPES = {
         max_length=48,
         max_prompt_length=32,
         max_new_tokens=16,  # the longest valid answer, "99+99=198</s>", is 10 tokens
-        padding_free=False,  # padded rows: the README's toy table, digit for digit, as before packing existed
+        padding_free=False,  # padded rows
+        fast_logps=False,  # python spin.py runs loss.sequence_logps on the logits: the code a student reads
         generation_batch_size=500,
     ),
 }

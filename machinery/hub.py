@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-import checkpoint
+from machinery import checkpoint
 
 # The run's files uploaded with each model, by their name in the repository (the model directory has a
 # config.json of its own: the run's goes in as spin_config.json).
@@ -24,7 +24,7 @@ def repo_id(args) -> str:
 
 def check(args) -> None:
     """Refuse --push_to_hub at start-up, in one line, when the upload could not happen."""
-    from cli import UsageError
+    from machinery.cli import UsageError
 
     if not args.push_to_hub:
         return

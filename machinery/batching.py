@@ -1,11 +1,9 @@
-"""Token sequences into tensors: what a forward pass gets, and which pairs share an optimizer step.
+"""Packed rows and length-grouped steps: the fast layout of a forward pass's sequences.
 
-A (prompt, response) pair of id lists becomes one sequence (build_sequence: input ids, and labels
-that are IGNORE_INDEX on the prompt). Prompts are cut from the left (the end, with the assistant
-header, is what the reply follows); replies are cut to fit max_length, and a reply that was cut is
-trained without its end-of-turn. A forward pass gets several sequences either
+A (prompt, response) pair of id lists becomes one sequence (data.build_sequence: input ids, and
+labels that are IGNORE_INDEX on the prompt). A forward pass gets several sequences either
 
-  - padded (collate): a row per sequence, right-padded to the longest, with an attention mask; or
+  - padded (data.collate): a row per sequence, right-padded to the longest, with an attention mask; or
   - packed (pack, --padding_free, the default where the model allows it: logps.PADDING_FREE_MODELS):
     the sequences end to end in fewer, fuller rows, their position ids restarting at 0 and no
     attention mask, so that transformers keeps each sequence to itself. No padding between them,
@@ -17,31 +15,6 @@ pairs of similar length (grouped_by_length), which pads less where sequences can
 import torch
 
 from loss import IGNORE_INDEX
-
-
-def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,
-                   max_length: int) -> dict:
-    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the response ids on it."""
-    prompt_ids = prompt_ids[-max_prompt_length:]  # from the left: keep the assistant header
-    response_ids = response_ids[: max_length - len(prompt_ids)]  # a cut response loses its EOS
-    return {"input_ids": prompt_ids + response_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
-
-
-def collate(sequences: list[dict], pad_token_id: int = 0) -> dict:
-    """Right-pad to the longest sequence; padding gets label IGNORE_INDEX and attention 0. Which id
-    pads does not matter: right padding comes after every real token, so causal attention never
-    lets a real position see it, and its own outputs are never scored."""
-    width = max(len(s["input_ids"]) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(sequences):
-        n = len(s["input_ids"])
-        input_ids[i, :n] = torch.tensor(s["input_ids"])
-        labels[i, :n] = torch.tensor(s["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def pack(sequences: list[dict], width: int | None = None, pad_token_id: int = 0) -> dict:

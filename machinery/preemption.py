@@ -15,7 +15,7 @@ launchers forward only SIGTERM and SIGINT). A second Ctrl-C stops at once, as Ct
 """
 import signal
 
-import distributed
+from machinery import distributed
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL (sysexits.h): stopped, not failed; run the same command again
 
@@ -47,18 +47,18 @@ def requested() -> str | None:
     return _received[0] if _received else None
 
 
-def agreed(args) -> str | None:
+def agreed() -> str | None:
     """Whether any rank received a stop signal: every rank calls this at the same point and gets the
     same answer, so all of them stop at the same step (one all-reduce of one number)."""
     mine = requested()
-    if distributed.any_rank(args, mine is not None):
+    if distributed.any_rank(mine is not None):
         return mine or "a signal to another rank"
     return None
 
 
-def stop_if_requested(args, where: str) -> None:
+def stop_if_requested(where: str) -> None:
     """Between phases: stop here if any rank was signalled (what is done so far is on disk)."""
-    signal_name = agreed(args)
+    signal_name = agreed()
     if signal_name:
         raise Stopped(f"stopped by {signal_name} {where}; run the same command to resume")
 

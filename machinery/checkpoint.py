@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from machinery import distributed
 
 # Settings that do not change what a run computes: a re-run may differ in these and still resume.
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
                "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
-               "hub_model_id", "hub_private_repo", "deterministic"}
+               "hub_model_id", "hub_private_repo", "deterministic", "fast_logps"}
 
 
 class RunDirError(ValueError):
@@ -236,78 +236,12 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> int:
     return state["step"]
 
 
-def agreed(args, run: Path, what: str, value):
+def agreed(run: Path, what: str, value):
     """`value` when every rank found the same in its run directory (nodes with copies of their own
     must hold the same copy); else the run is refused, naming what differs. A collective."""
-    seen = distributed.all_gather(args, [value])
+    seen = distributed.all_gather([value])
     if len(set(seen)) > 1:
         raise RunDirError(f"--output_dir {run}: the nodes' copies differ in whether the run {what} "
                           f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
                           f"the same copy, or one shared directory")
     return value
-
-
-class RunDir:
-    """--output_dir as the state of one run: taken for this process (lock), checked against the
-    configuration, and asked what is already done. Every write is rank 0's; the others wait.
-
-        run = RunDir(args, config)     # refuses a foreign directory, another process, other settings
-        run.begin(tokens)              # config.json and tokens.jsonl of a new run
-        run.completed()                # iterations whose complete.json exists
-        run.iteration(t)               # iter{t}/, made when needed
-    """
-
-    def __init__(self, args, config: dict):
-        self.path, self.config, self.args = Path(args.output_dir), config, args
-        found = {p.name for p in self.path.iterdir() if not p.name.startswith(".probe-")} if self.path.is_dir() else set()
-        if found and "config.json" not in found and found - STARTUP_LEFTOVERS:
-            raise RunDirError(f"--output_dir {self.path} is a non-empty directory that is not a SPIN run; "
-                              f"choose another")
-        distributed.find_shared_disk(args, self.path)  # several nodes: one directory, or a copy on each
-        self.writer = distributed.writer(args)  # rank 0, or each node's first rank into its own copy
-        if found and self.writer:
-            lock(self.path)  # one run per directory, before reading its state
-        self.new = not found
-        self.resuming = agreed(args, self.path, "resumes", "config.json" in found and not args.overwrite_output_dir)
-        if self.resuming:
-            check_config(self.path, config)
-        elif found and "config.json" not in found and args.rank == 0:
-            print(f"note: --output_dir {self.path} holds only what a start stopped before writing config.json "
-                  f"left ({', '.join(sorted(found))}); starting the run there")
-
-    def saved_tokens(self) -> Path | None:
-        return self.path / "tokens.jsonl" if self.resuming else None
-
-    def begin(self, token_rows: list[dict]) -> None:
-        """A new run writes its config.json (and, for every run, its tokens.jsonl if missing)."""
-        if not self.resuming and self.writer:
-            if self.new:  # locked as soon as it exists; a second process started with this one stops here
-                self.path.mkdir(parents=True, exist_ok=True)
-                lock(self.path)
-                if (self.path / "config.json").exists():
-                    raise RunInUse(f"--output_dir {self.path} was started by another process meanwhile; "
-                                   f"run the same command again to resume it")
-            empty(self.path)  # --overwrite_output_dir, or what an interrupted start left
-            write_atomic(self.path / "config.json", json.dumps(self.config, indent=1))
-        if self.writer and not (self.path / "tokens.jsonl").exists():
-            write_jsonl(self.path / "tokens.jsonl", token_rows)
-        self._wait()
-
-    def completed(self) -> int:
-        """The number of complete iterations (cleaning what a kill right after a marker left)."""
-        t = 0
-        while (self.path / f"iter{t}" / "complete.json").exists():
-            if self.writer:
-                clean(self.path / f"iter{t}")
-            t += 1
-        return agreed(self.args, self.path, "has complete iterations, and how many", t)
-
-    def iteration(self, t: int) -> Path:
-        if self.writer:
-            (self.path / f"iter{t}").mkdir(exist_ok=True)
-        self._wait()
-        return self.path / f"iter{t}"
-
-    def _wait(self) -> None:  # the other ranks wait for rank 0's writes
-        if self.args.world_size > 1:
-            torch.distributed.barrier()
