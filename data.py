@@ -9,7 +9,7 @@ prompt x and the human ("real") response y. Sources:
     `messages` column, the official SPIN `real` column (a user and an assistant message;
     `generated` is ignored: we sample our own), or plain `prompt` / `response` columns;
   - `chitchat`: real human conversations that the chitchat-dataset package ships;
-  - `toy`: the embedded toy's data set, whose p_data is written down (toy_rows; toy.py has its model).
+  - `toy`: the embedded toy's data set, whose p_data is written down (toy_rows; its model: toy.py).
 
 Every row becomes {"id", "messages" (the prompt conversation), "response" (a string)}.
 
@@ -46,7 +46,7 @@ def load_rows(source: str, split: str = "train", turn: str = "first", flag: str 
     if source == CHITCHAT:
         table = chitchat_records(split, flag)
     elif path.is_dir():
-        table = _read_hub(str(path), split, flag, None, config)  # datasets reads a directory as it reads a repository
+        table = _read_hub(str(path), split, flag, None, config)  # as datasets reads a repository
     elif path.exists():
         table = _read_local(path)
     else:
@@ -62,7 +62,8 @@ def load_rows(source: str, split: str = "train", turn: str = "first", flag: str 
 
 TOY, CHITCHAT = "toy", "chitchat"
 
-# The toy's data set: prompt "a+b" (a, b < 100), p_data(y|x) known exactly (toy.py measures models against it).
+# The toy's data set: prompt "a+b" (a, b < 100), p_data(y|x) known exactly (toy.py measures
+# models against it).
 TOY_FORMS = [("{s}", 0.5), ("{a}+{b}={s}", 0.3), ("{b}+{a}={s}", 0.2)]  # p_data(y|x)
 TOY_TEST = 200  # held-out prompts, never trained on
 
@@ -78,12 +79,12 @@ def toy_p_data(prompt: str) -> dict[str, float]:
 
 
 def toy_rows(split: str, num_prompts: int = 2000, seed: int = 0) -> list[dict]:
-    """The toy's rows in the common schema; each human response is one draw from p_data (toy_p_data)."""
+    """The toy's rows in the common schema; each human response is one draw from p_data."""
     pairs = [(a, b) for a in range(100) for b in range(100)]
     random.Random(1234).shuffle(pairs)  # fixed: the test prompts never change
     if split == "test":
         chosen = pairs[:TOY_TEST]
-    elif split == "validation":  # for choosing settings (experiments/toy_evidence.py); after all training prompts
+    elif split == "validation":  # after all training prompts: for choosing settings (experiments/)
         chosen = pairs[-TOY_TEST:]
     else:
         chosen = pairs[TOY_TEST:TOY_TEST + num_prompts]
@@ -93,7 +94,8 @@ def toy_rows(split: str, num_prompts: int = 2000, seed: int = 0) -> list[dict]:
         prompt = f"{a}+{b}"
         responses, probs = zip(*toy_p_data(prompt).items())
         response = rng.choices(responses, weights=probs)[0]
-        rows.append({"id": i, "messages": [{"role": "user", "content": prompt}], "response": response})
+        rows.append({"id": i, "messages": [{"role": "user", "content": prompt}],
+                     "response": response})
     return rows
 
 
@@ -109,20 +111,25 @@ def chitchat_records(split: str | None, flag: str = "--dataset") -> list[dict]:
     try:
         pairs = _chitchat_pairs()
     except ModuleNotFoundError:
-        raise DataError(f"{flag} {CHITCHAT} needs the chitchat-dataset package: pip install -r requirements-real.txt") from None
-    return [{"messages": [{"role": "user", "content": first}, {"role": "assistant", "content": reply}]}
-            for i, (first, reply) in enumerate(pairs) if split is None or (i % 10 == 9) == (split == "test")]
+        raise DataError(f"{flag} {CHITCHAT} needs the chitchat-dataset package: pip install -r "
+                        f"requirements-real.txt") from None
+    kept = [pair for i, pair in enumerate(pairs)
+            if split is None or (i % 10 == 9) == (split == "test")]  # every 10th chat is "test"
+    return [{"messages": [{"role": "user", "content": first},
+                          {"role": "assistant", "content": reply}]} for first, reply in kept]
 
 
 @functools.lru_cache(maxsize=1)
 def _chitchat_pairs() -> tuple[tuple[str, str], ...]:
-    """(first turn, reply) of every kept chat, in key order: the package's 39 MB file, parsed once."""
+    """(first turn, reply) of every kept chat, in key order: the package's 39 MB file, read once."""
     import importlib.resources
 
-    chats = json.loads((importlib.resources.files("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8"))
+    path = importlib.resources.files("chitchat_dataset") / "dataset.json"
+    chats = json.loads(path.read_text(encoding="utf-8"))
     pairs = []
     for key in sorted(chats):
-        turns = ["\n".join(m["text"].strip() for m in group) for group in chats[key]["messages"][:2]]
+        groups = chats[key]["messages"][:2]  # a chat's first two turns, each a list of messages
+        turns = ["\n".join(m["text"].strip() for m in group) for group in groups]
         if len(turns) == 2 and all(turns) and 2 <= len(turns[1].split()) <= 30:
             pairs.append((turns[0], turns[1]))
     return tuple(pairs)
@@ -153,18 +160,21 @@ def _read_local(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(name: str, split: str, flag: str, revision: str | None = None, config: str | None = None) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str, revision: str | None = None,
+              config: str | None = None) -> list[dict]:
     import datasets
 
     try:
         return datasets.load_dataset(name, config, split=split, revision=revision).to_list()
     except Exception as e:  # offline, misspelled, gated: the datasets library raises many kinds
         if Path(name).is_dir():
-            raise DataError(f"{flag} {name}: the directory could not be read as a data set, split {split!r} "
-                            f"({first_line(e)}); it needs .parquet/.jsonl/.json files") from None
+            raise DataError(f"{flag} {name}: the directory could not be read as a data set, "
+                            f"split {split!r} ({first_line(e)}); it needs .parquet/.jsonl/.json "
+                            f"files") from None
         raise DataError(
             f"{flag} {name}: not a local file and could not be loaded from the Hugging Face Hub "
-            f"({first_line(e)}); download it where there is network and pass the local .jsonl/.parquet path"
+            f"({first_line(e)}); download it where there is network and pass the local .jsonl or "
+            f".parquet path"
         ) from None
 
 
@@ -197,9 +207,10 @@ def _normalize(i: int, record, turn: str) -> dict:
     k = replies[0] if turn == "first" else replies[-1]
     context = messages[:k]
     roles = [m["role"] for m in context if m["role"] != "system"]
-    if not roles or roles[0] != "user" or roles[-1] != "user" or any(r == roles[j - 1] for j, r in enumerate(roles) if j):
-        raise DataError(f"row {i}: roles must alternate user/assistant and a user turn must precede "
-                        f"the response (got {[m['role'] for m in messages[:k + 1]]})")
+    alternate = all(r != roles[j - 1] for j, r in enumerate(roles) if j)
+    if not roles or roles[0] != "user" or roles[-1] != "user" or not alternate:
+        raise DataError(f"row {i}: roles must alternate user/assistant and a user turn must "
+                        f"precede the response (got {[m['role'] for m in messages[:k + 1]]})")
     response = messages[k]["content"]
     if not response.strip():
         raise DataError(f"row {i}: the human response is empty")
@@ -208,7 +219,7 @@ def _normalize(i: int, record, turn: str) -> dict:
 
 def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,
                    max_length: int) -> dict:
-    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the response ids on it."""
+    """input_ids = prompt + response; labels: IGNORE_INDEX on the prompt, the response ids on it."""
     prompt_ids = prompt_ids[-max_prompt_length:]  # from the left: keep the assistant header
     response_ids = response_ids[: max_length - len(prompt_ids)]  # a cut response loses its EOS
     return {"input_ids": prompt_ids + response_ids,
@@ -269,45 +280,54 @@ class ChatFormat:
     template_kwargs: keyword arguments for the template, e.g. {"enable_thinking": False} (Qwen3).
     """
 
-    PROBE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    PROBE = [{"role": "user", "content": "What is 2+2?"},
+             {"role": "assistant", "content": "It is 4."}]
 
-    def __init__(self, tokenizer, system_prompt: str | None = None, template_kwargs: dict | None = None,
-                 name: str = "the model"):
+    def __init__(self, tokenizer, system_prompt: str | None = None,
+                 template_kwargs: dict | None = None, name: str = "the model"):
         if not tokenizer.chat_template:
-            raise DataError(f"{name}: the tokenizer has no chat template; use a chat/SFT model or add a "
-                            f"chat_template to its tokenizer_config.json")
-        self.tokenizer, self.system_prompt, self.template_kwargs = tokenizer, system_prompt, template_kwargs or {}
+            raise DataError(f"{name}: the tokenizer has no chat template; use a chat/SFT model or "
+                            f"add a chat_template to its tokenizer_config.json")
+        self.tokenizer, self.system_prompt = tokenizer, system_prompt
+        self.template_kwargs = template_kwargs or {}
         self.name, self.not_prefix_stable = name, 0
         try:
             with_header = self._render(self.PROBE[:1], add_generation_prompt=True)
             without = self._render(self.PROBE[:1], add_generation_prompt=False)
         except DataError as e:
-            what = (f"--system_prompt {system_prompt!r}: " if system_prompt is not None else "") + \
-                   (f"--chat_template_kwargs {json.dumps(self.template_kwargs)}: " if self.template_kwargs else "")
-            raise DataError(f"{what}{str(e).replace('the chat template', f'the chat template of {name}')}") from None
+            what = (f"--system_prompt {system_prompt!r}: " if system_prompt is not None else "")
+            if self.template_kwargs:
+                what += f"--chat_template_kwargs {json.dumps(self.template_kwargs)}: "
+            message = str(e).replace("the chat template", f"the chat template of {name}")
+            raise DataError(f"{what}{message}") from None
         if with_header == without:
-            raise DataError(f"{name}: its chat template writes nothing for add_generation_prompt=True (no "
-                            f"assistant header), so a prompt cannot be told from a finished conversation")
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        # The end-of-turn token: the first special token the template writes after the probe's reply.
-        self.end_of_turn = next((i for i in self._after_prompt(self.PROBE[:1], self.PROBE[1]["content"])[1]
-                                 if i in special), None)
+            raise DataError(f"{name}: its chat template writes nothing for add_generation_prompt"
+                            f"=True (no assistant header), so a prompt cannot be told from a "
+                            f"finished conversation")
+        added = tokenizer.added_tokens_decoder.items()
+        special = set(tokenizer.all_special_ids) | {i for i, t in added if t.special}
+        # The end-of-turn token: the first special token the template writes after a reply.
+        after_reply = self._after_prompt(self.PROBE[:1], self.PROBE[1]["content"])[1]
+        self.end_of_turn = next((i for i in after_reply if i in special), None)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+            return self.tokenizer.apply_chat_template(messages,
+                                                      add_generation_prompt=add_generation_prompt,
                                                       tokenize=False, **self.template_kwargs)
-        except Exception as e:  # jinja2's TemplateError (a template's raise_exception), TypeError, ...
-            raise DataError(f"the chat template cannot render this conversation ({first_line(e)})") from None
+        except Exception as e:  # jinja2's TemplateError (a template's raise_exception), TypeError
+            raise DataError(f"the chat template cannot render this conversation "
+                            f"({first_line(e)})") from None
 
     def _ids(self, text: str) -> list[int]:
-        # Without special tokens: the template writes the BOS itself where the model has one (Llama's).
+        # No special tokens added: the template writes the BOS itself where a model has one.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """x through the chat template, ending with the assistant header: what generation continues."""
+        """x through the chat template, ending with the assistant header: what generation
+        continues."""
         return self._ids(self._render(messages, add_generation_prompt=True))
 
     def reply_ids(self, messages: list[dict], reply: str) -> list[int]:
@@ -320,22 +340,26 @@ class ChatFormat:
         if self.end_of_turn is None:  # a template with no end-of-turn token: end the reply with EOS
             return prompt, ids + [self.tokenizer.eos_token_id]
         if self.end_of_turn not in ids:
-            raise DataError(f"the chat template wrote no end-of-turn token "
-                            f"{self.tokenizer.convert_ids_to_tokens(self.end_of_turn)!r} after the reply")
-        return prompt, ids[: len(ids) - ids[::-1].index(self.end_of_turn)]  # through the last end-of-turn
+            token = self.tokenizer.convert_ids_to_tokens(self.end_of_turn)
+            raise DataError(f"the chat template wrote no end-of-turn token {token!r} after the "
+                            f"reply")
+        last = len(ids) - ids[::-1].index(self.end_of_turn)  # through the last end-of-turn
+        return prompt, ids[:last]
 
     def _after_prompt(self, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
-        """(the prompt's ids, the ids of the whole conversation after them). Where the full rendering does
-        not start with the prompt's ids (a template that is not prefix-stable: the reply's first
-        characters merge with the header's last token), the text after the prompt's text, tokenized
-        on its own; such rows are counted in not_prefix_stable for the run's log."""
+        """(the prompt's ids, the ids of the whole conversation after them). Where the full
+        rendering does not start with the prompt's ids (a template that is not prefix-stable: the
+        reply's first characters merge with the header's last token), the text after the prompt's
+        text, tokenized on its own; such rows are counted in not_prefix_stable for the log."""
         prompt_text = self._render(messages, add_generation_prompt=True)
-        full_text = self._render(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+        full_text = self._render(messages + [{"role": "assistant", "content": reply}],
+                                 add_generation_prompt=False)
         prompt, full = self._ids(prompt_text), self._ids(full_text)
         if full[: len(prompt)] == prompt:
             return prompt, full[len(prompt):]
         if not full_text.startswith(prompt_text):
-            raise DataError("the chat template writes the prompt differently when a reply follows it")
+            raise DataError("the chat template writes the prompt differently when a reply follows "
+                            "it")
         self.not_prefix_stable += 1
         return prompt, self._ids(full_text[len(prompt_text):])
 
@@ -349,13 +373,15 @@ def seed(base: int, stream: str, t: int, rank: int = 0, epoch: int = 0, batch: i
       "heldout": θ_t's responses to the held-out prompts (evaluation.py);
       "order":   the training order of iteration t's pairs in one epoch;
       "batch":   one generation batch's stream, from its caller's seed (generate.generate).
-    numpy's SeedSequence hashes the key, so different keys give unrelated seeds: no two streams share
-    one, however many ranks, epochs or batches (sums of offsets did: base + epoch was also base + batch).
+    numpy's SeedSequence hashes the key, so different keys give unrelated seeds: no two streams
+    share one, however many ranks, epochs or batches (sums of offsets did: base + epoch was also
+    base + batch).
     The key has a fixed length: SeedSequence treats a trailing 0 as absent."""
     import numpy
 
     key = [base, STREAMS.index(stream), t, rank, epoch, batch]
-    return int(numpy.random.SeedSequence(key).generate_state(1, numpy.uint64)[0] >> 1)  # < 2**63: torch's range
+    state = numpy.random.SeedSequence(key).generate_state(1, numpy.uint64)[0]
+    return int(state >> 1)  # < 2**63: torch.manual_seed's range
 
 
 def first_line(e: BaseException) -> str:

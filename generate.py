@@ -31,25 +31,28 @@ def stop_ids(model, tokenizer, end_of_turn: int | None = None) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id, end_of_turn] if i is not None})
 
 
-SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
-            "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
-            "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "min_length", "min_new_tokens",
-            "max_length", "max_new_tokens", "num_beams", "penalty_alpha", "guidance_scale", "renormalize_logits",
-            "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "stop_strings")
+SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p",
+            "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty",
+            "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+            "sequence_bias", "min_length", "min_new_tokens", "max_length", "max_new_tokens",
+            "num_beams", "penalty_alpha", "guidance_scale", "renormalize_logits",
+            "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+            "stop_strings")
 
 
 def ignored_generation_settings(model) -> dict:
     """What the model's generation_config.json sets that would change how y' is sampled (Qwen2.5:
-    repetition_penalty 1.05, top_k 20, temperature 0.7, ...): none of it applies here, the flags do."""
+    repetition_penalty 1.05, top_k 20, temperature 0.7, ...): none of it applies, the flags do."""
     own = model.generation_config.to_dict()
     return {k: own[k] for k in SAMPLING if own.get(k) is not None}
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, do_sample: bool = True,
-             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             progress: bool = False, done: dict[int, dict] | None = None, on_batch=None,
-             stop: list[int] | None = None, should_stop=None, bf16: bool = False) -> list[dict]:
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256,
+             do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+             batch_size: int = 64, seed: int = 0, progress: bool = False,
+             done: dict[int, dict] | None = None, on_batch=None, stop: list[int] | None = None,
+             should_stop=None, bf16: bool = False) -> list[dict]:
     """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
 
     stop: the ids that end a reply (default: stop_ids(model, tokenizer)). A reply that ends keeps
@@ -57,41 +60,39 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     done: results already on disk by prompt index, from a run that was stopped; a batch whose
     prompts are all done is skipped, any other batch is sampled again with its own seed, which
     gives the same tokens. on_batch(indices, results) is called after each sampled batch.
-    should_stop(): checked before each batch; when true, the prompts not sampled yet get {} (a
-    preempted run stops after the batch it is in, preemption.py).
-    bf16: sample under bfloat16 autocast, as training computes (float32 weights, bf16 matmuls and
-    attention: FlashAttention-2 has no float32 kernels).
+    should_stop(): checked before each batch; when true, the prompts not sampled yet get {}.
+    bf16: sample under bf16 autocast, as training computes (FlashAttention-2 has no float32).
     """
-    done = done or {}
     from transformers import GenerationConfig
 
+    done = done or {}
     model.eval()
     stop = set(stop or stop_ids(model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # top_k=0: transformers' own default (50) would cut the distribution. Every other field that
-    # shapes sampling is neutral because the model's generation_config is set aside below.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=sorted(stop),
-                              pad_token_id=pad, **(dict(temperature=temperature, top_p=top_p, top_k=0)
-                                                   if do_sample else {}))
+    # shapes sampling is neutral because the model's generation_config is set aside (sample_batch).
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              eos_token_id=sorted(stop), pad_token_id=pad, **sampling)
     # Prompts of similar length share a batch: less padding. The order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results: list[dict] = [{}] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if progress else True)  # None: off when stderr is not a terminal
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt",
+               disable=None if progress else True)  # None: off when stderr is not a terminal
     for number, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
         if should_stop and should_stop():
             break
-        if all(i in done for i in batch):
-            for i in batch:
-                results[i] = done[i]
-            bar.update(len(batch))
-            continue
-        torch.manual_seed(data.seed(seed, "batch", 0, batch=number))  # a stream per batch: a rerun repeats it
-        replies = sample_batch(model, [prompts[i] for i in batch], config, bf16)
-        for i, new in zip(batch, replies):
-            results[i] = ended_reply(new, stop, tokenizer)
-        if on_batch:
-            on_batch(batch, [results[i] for i in batch])
+        if all(i in done for i in batch):  # sampled before a stop: kept
+            fresh = [done[i] for i in batch]
+        else:
+            torch.manual_seed(data.seed(seed, "batch", 0, batch=number))  # a rerun repeats a batch
+            replies = sample_batch(model, [prompts[i] for i in batch], config, bf16)
+            fresh = [ended_reply(new, stop, tokenizer) for new in replies]
+            if on_batch:
+                on_batch(batch, fresh)
+        for i, result in zip(batch, fresh):
+            results[i] = result
         bar.update(len(batch))
         bar.set_postfix(ended=f"{sum(results[i]['ended'] for i in batch) / len(batch):.0%}")
     bar.close()
@@ -99,11 +100,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
 
 
 def ended_reply(new: list[int], stop: set[int], tokenizer) -> dict:
-    """A sampled reply through its first stop id (padding follows it), its text, and whether it ended
-    on a stop id (else it hit max_new_tokens)."""
+    """A sampled reply through its first stop id (padding follows it), its text, and whether it
+    ended on a stop id (else it hit max_new_tokens)."""
     end = next((k for k, token in enumerate(new) if token in stop), None)
     new = new[: end + 1] if end is not None else new
-    return {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True), "ended": end is not None}
+    return {"generated_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
+            "ended": end is not None}
 
 
 def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[list[int]]:
@@ -113,7 +115,8 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
 
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)  # (B, T) left-padded
+    # (B, T) left-padded
+    input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
@@ -123,7 +126,8 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
     own, model.generation_config = model.generation_config, GenerationConfig()
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            output = model.generate(input_ids=input_ids.to(device),
+                                    attention_mask=attention_mask.to(device),
                                     generation_config=config)  # (B, T + new)
     finally:
         model.generation_config = own
@@ -135,38 +139,43 @@ def main(argv=None) -> None:
 
     p = cli.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
-    p.add_argument("--data", required=True, help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
+    p.add_argument("--data", required=True,
+                   help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
     p.add_argument("--split", default="train", help="data set split")
     p.add_argument("--out", required=True, help="output .jsonl, one row per prompt")
     p.add_argument("--max_samples", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept, from the left")
+    p.add_argument("--max_prompt_length", type=int, default=512,
+                   help="prompt tokens kept, from the left")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system_prompt", help="insert a system turn with this text before conversations that have none")
+    p.add_argument("--system_prompt",
+                   help="insert a system turn with this text before conversations that have none")
     p.add_argument("--chat_template_kwargs", type=cli.json_object, metavar="JSON",
-                   help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}'")
+                   help="chat template keyword arguments, e.g. '{\"enable_thinking\": false}'")
     args = p.parse_args(argv)
     try:
         models.go_offline_if_hub_unreachable(args.model, args.data)
         rows = data.load_rows(args.data, args.split)[: args.max_samples]
         tokenizer, model = models.load_model(args.model)
-        chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs, f"--model {args.model}")
+        chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs,
+                               f"--model {args.model}")
         prompts = [chat.prompt_ids(r["messages"])[-args.max_prompt_length:] for r in rows]
     except (data.DataError, models.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy, args.temperature,
-                       args.top_p, args.batch_size, args.seed, progress=True,
+    results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy,
+                       args.temperature, args.top_p, args.batch_size, args.seed, progress=True,
                        stop=stop_ids(model, tokenizer, chat.end_of_turn))
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row, result in zip(rows, results):
-            f.write(json.dumps({"id": row["id"], "messages": row["messages"], "real": row["response"],
-                                "generated": result["text"], "generated_ids": result["generated_ids"],
+            f.write(json.dumps({"id": row["id"], "messages": row["messages"],
+                                "real": row["response"], "generated": result["text"],
+                                "generated_ids": result["generated_ids"],
                                 "ended": result["ended"]}) + "\n")
     os.replace(tmp, args.out)  # the file appears whole or not at all
     print(f"wrote {len(results)} responses to {args.out} "

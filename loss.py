@@ -26,12 +26,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (B, T, V) log-softmax (logps.py, tested against this function).
     """
     # The logits at position i predict the token at position i + 1: drop the last logit and the
-    # first label so that they line up. Reading logits[:, i] against labels[:, i] is the classic bug.
+    # first label so that they line up. Reading logits[:, i] against labels[:, i] is the
+    # classic bug.
     logits = logits[:, :-1, :]  # (B, T-1, V)
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX  # (B, T-1) True on the response tokens
-    logprobs = logits.float().log_softmax(dim=-1)  # (B, T-1, V) in float32: a sum of bf16 log-probs loses digits
-    token_logps = logprobs.gather(2, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    logprobs = logits.float().log_softmax(dim=-1)  # (B, T-1, V) float32: bf16 sums lose digits
+    safe_labels = labels.masked_fill(~mask, 0)  # (B, T-1) a valid index where mask is False
+    token_logps = logprobs.gather(2, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (token_logps * mask).sum(dim=-1)  # (B,) prompt and padding positions count 0
 
 
@@ -57,7 +59,7 @@ def spin_loss(
         losses = F.softplus(-margins)  # (B,) log(1 + e^−t), written stably
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - margins)  # (B,) max(0, 1 − t)
-    elif callable(loss_type):  # any other monotone decreasing convex ℓ, e.g. lambda t: torch.exp(-t)
+    elif callable(loss_type):  # any other monotone decreasing convex ℓ, e.g. torch.exp(-t)
         losses = loss_type(margins)  # (B,)
     else:
         raise ValueError(f"loss_type must be 'logistic', 'hinge' or a function, got {loss_type!r}")

@@ -6,23 +6,16 @@
         θ_{t+1} = argmin_θ L_SPIN(θ, θ_t)  on (x, y, y')         (train: loss.py, Eq. 4.7)
         θ_{t+1} is the next opponent
 
-    python spin.py                                          # the embedded toy, offline, ~2 min on 2 CPU cores
-    python spin.py --model zephyr-7b-sft-full --iters 4     # the paper's recipe (GPUs)
+    python spin.py                                        # the embedded toy, offline, CPU, ~2 min
+    python spin.py --model zephyr-7b-sft-full --iters 4   # the paper's recipe (GPUs)
     python spin.py --model PATH_OR_HUB_ID --dataset data.jsonl --output_dir runs/mine
 
 The paper's pieces are the files beside this one (generate.py, loss.py, data.py); what it takes to
 run them for real (flags, the run directory and resume, ranks and ZeRO-3, the fast log-prob path,
 evaluation, reporting) is the package machinery/, which this loop calls by name.
 
-Run directory (--output_dir); re-running the same command resumes it (machinery/rundir.py):
-    config.json                 the resolved configuration
-    tokens.jsonl                every prompt's and human reply's ids, rendered once by the chat template
-    iterations.jsonl            one line per completed iteration: losses, rewards, toy metrics, time
-    iter{t}/synthetic.jsonl     iteration t's prompts with real and generated responses and their token ids
-    iter{t}/opponent_logps.jsonl   log p_θt of every training pair of iteration t
-    iter{t}/metrics.jsonl       one line per optimizer step
-    iter{t}/model/              θ_{t+1}: save_pretrained model + tokenizer, the opponent of iteration t+1
-    iter{t}/complete.json       written last: iteration t is done
+The run directory (--output_dir) keeps every phase's results; re-running the same command resumes
+it (its files: README.md, "The run directory"; its operations: machinery/rundir.py).
 """
 import gc
 import math
@@ -48,27 +41,29 @@ from machinery.steps import Steps
 
 
 def pair_logps(model, pairs: list[dict], args):
-    """log p_θ(y|x) and log p_θ(y'|x) of a batch of pairs, real and generated in ONE forward pass."""
-    logps, _ = score(model, [p["prompt_ids"] for p in pairs] * 2,
-                     [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs], args.max_prompt_length,
-                     args.max_length, args.bf16, args.padding_free, args.fast_logps)  # (2B,)
+    """log p_θ(y|x) and log p_θ(y'|x) of a batch of pairs, real and generated in ONE forward."""
+    prompts = [p["prompt_ids"] for p in pairs] * 2
+    replies = [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs]
+    logps, _ = score(model, prompts, replies, args.max_prompt_length, args.max_length, args.bf16,
+                     args.padding_free, args.fast_logps)  # (2B,)
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
 def opponent_logps(model, pairs: list[dict], args) -> None:
     """Store log p_θt(y|x) and log p_θt(y'|x) with every pair: the opponent is frozen for the whole
-    iteration, so this one pass replaces the reference model that DPO-style trainers keep in memory."""
-    scored = score_all(model, [p["prompt_ids"] for p in pairs for _ in (0, 1)],  # y and y' of a pair together
-                       [y for p in pairs for y in (p["real_ids"], p["generated_ids"])],
-                       2 * args.per_device_train_batch_size, args.max_prompt_length, args.max_length, args.bf16,
-                       "opponent log-probs", not distributed.bars_off(args), args.padding_free, args.fast_logps)
+    iteration, so this one pass replaces the reference model that DPO-style trainers keep."""
+    prompts = [p["prompt_ids"] for p in pairs for _ in (0, 1)]  # y and y' of a pair in one batch
+    replies = [y for p in pairs for y in (p["real_ids"], p["generated_ids"])]
+    scored = score_all(model, prompts, replies, 2 * args.per_device_train_batch_size,
+                       args.max_prompt_length, args.max_length, args.bf16, "opponent log-probs",
+                       not distributed.bars_off(args), args.padding_free, args.fast_logps)
     for p, (real, _), (generated, _) in zip(pairs, scored[0::2], scored[1::2]):
         p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
 
 
 def disable_dropout(model) -> None:
     """Dropout would make log p_θ ≠ log p_θt at θ = θ_t, so the loss would not start at ℓ(0).
-    Both kinds: nn.Dropout modules, and the attention_dropout rate attention layers apply themselves."""
+    Both kinds: nn.Dropout modules, and the attention_dropout rate attention layers apply."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -77,7 +72,7 @@ def disable_dropout(model) -> None:
 
 
 def rmsprop(model, learning_rate: float, total_steps: int, warmup_ratio: float):
-    """The paper's optimizer (§5.1): RMSProp without weight decay; linear warmup, then linear decay."""
+    """The paper's optimizer (§5.1): RMSProp without weight decay; linear warmup, linear decay."""
     optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)
     warmup_steps = math.ceil(warmup_ratio * total_steps)
 
@@ -97,50 +92,55 @@ def batches(pairs: list[dict], iteration: int, args):
 
     size = pairs_per_step(args)
     for epoch in range(args.num_train_epochs):
-        generator = torch.Generator().manual_seed(data.seed(args.seed, "order", iteration, epoch=epoch))
+        seed = data.seed(args.seed, "order", iteration, epoch=epoch)
+        generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(pairs), generator=generator).tolist()
         if args.group_by_length:
-            lengths = [batching.pair_length(p, args.max_prompt_length, args.max_length) for p in pairs]
+            lengths = [batching.pair_length(p, args.max_prompt_length, args.max_length)
+                       for p in pairs]
             order = batching.grouped_by_length(order, lengths, size, generator)
         for start in range(0, len(order), size):
             yield epoch, [pairs[i] for i in order[start:start + size]]
 
 
 def train_step(trainer, step_pairs: list[dict], args) -> dict:
-    """Forward and backward of this rank's share of one optimizer step's pairs (Eq. 4.7); returns the
-    step's sums over all ranks: loss, rewards, reward accuracy, tokens, pairs."""
-    sums = dict.fromkeys(("loss", "real_reward", "generated_reward", "reward_accuracy", "tokens", "pairs"), 0.0)
+    """Forward and backward of this rank's share of one optimizer step's pairs (Eq. 4.7); returns
+    the step's sums over all ranks: loss, rewards, reward accuracy, tokens, pairs."""
+    keys = ("loss", "real_reward", "generated_reward", "reward_accuracy", "tokens", "pairs")
+    sums = dict.fromkeys(keys, 0.0)
     micro_batches = distributed.micro_batches(step_pairs, args.per_device_train_batch_size, args)
-    for k, (batch, weight) in enumerate(micro_batches):  # weight: this micro-batch's share of the step's mean
-        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,), (b,)
+    for k, (batch, weight) in enumerate(micro_batches):  # weight: its share of the step's mean
+        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,)
+        device = policy_real_logps.device
         opponent_real_logps = torch.tensor([p["opponent_real_logp"] for p in batch])  # (b,)
-        opponent_generated_logps = torch.tensor([p["opponent_generated_logp"] for p in batch])  # (b,)
+        opponent_generated_logps = torch.tensor([p["opponent_generated_logp"] for p in batch])
         losses, real_rewards, generated_rewards = spin_loss(  # Eq. 4.7, each (b,)
-            policy_real_logps, policy_generated_logps, opponent_real_logps.to(policy_real_logps.device),
-            opponent_generated_logps.to(policy_real_logps.device), args.beta, args.loss_type)
+            policy_real_logps, policy_generated_logps, opponent_real_logps.to(device),
+            opponent_generated_logps.to(device), args.beta, args.loss_type)
         trainer.backward(losses.sum() * weight, last=k == len(micro_batches) - 1)
         if weight:
             sums["loss"] += losses.sum().item()
             sums["real_reward"] += real_rewards.sum().item()
             sums["generated_reward"] += generated_rewards.sum().item()
             sums["reward_accuracy"] += (real_rewards > generated_rewards).float().sum().item()
-            sums["tokens"] += sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"])
-                                  for p in batch)
+            sums["tokens"] += sum(2 * len(p["prompt_ids"]) + len(p["real_ids"])
+                                  + len(p["generated_ids"]) for p in batch)
             sums["pairs"] += len(batch)
     return dict(zip(sums, distributed.all_sum(list(sums.values()))))
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path, on_step=None):
+def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path,
+          on_step=None):
     """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
-    Returns (per-step metrics, the trainer: backends.Plain or Zero3). A stopped iteration resumes from
-    it/checkpoint (machinery/steps.py). on_step(record) sees every step's metrics (the trackers)."""
+    Returns (per-step metrics, the trainer: backends.Plain or Zero3). A stopped iteration resumes
+    from it/checkpoint (machinery/steps.py). on_step(record) sees every step's metrics."""
     model.train()
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()  # recompute activations in backward: less memory, ~30% more time
+    if args.gradient_checkpointing:  # activations recomputed in backward: less memory, more time
+        model.activation_checkpointing_enable()
     disable_dropout(model)
     total_steps = math.ceil(len(pairs) / pairs_per_step(args)) * args.num_train_epochs
     optimizer, scheduler = rmsprop(model, learning_rate, total_steps, args.warmup_ratio)
-    trainer = backends.trainer(model, optimizer, args)  # ZeRO-3 partitions model and optimizer state
+    trainer = backends.trainer(model, optimizer, args)  # ZeRO-3 partitions model, optimizer state
     steps = Steps(trainer, scheduler, it, iteration, total_steps, args, on_step)
     for step, (epoch, step_pairs) in enumerate(batches(pairs, iteration, args)):
         if steps.done(step):
@@ -151,10 +151,11 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
         grad_norm = trainer.step()  # clipped to --max_grad_norm, RMSProp applied
         steps.check(step, sums["loss"] / sums["pairs"], grad_norm)
         scheduler.step()
-        record = {k: sums[k] / sums["pairs"] for k in ("loss", "real_reward", "generated_reward", "reward_accuracy")}
+        means = ("loss", "real_reward", "generated_reward", "reward_accuracy")
+        record = {k: sums[k] / sums["pairs"] for k in means}
         record["margin"] = record["real_reward"] - record["generated_reward"]
-        record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm,
-                      tokens_per_s=sums["tokens"] / (time.time() - started))
+        record.update(iteration=iteration, step=step, epoch=epoch, learning_rate=lr,
+                      grad_norm=grad_norm, tokens_per_s=sums["tokens"] / (time.time() - started))
         steps.log(record)
         steps.save_or_stop(step)
     return steps.close(), trainer
@@ -164,32 +165,36 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, run: Ru
     """Algorithm 1, line 3: one y' ~ p_θt(·|x) per prompt, as rows of (x, y, y'). Rank r samples
     prompts r, r + world, ...; what a stopped run sampled is kept and not sampled again."""
     if (pairs := run.pairs(t)) is not None:
-        print0(f"iteration {t}: reusing the generated responses in {run.path / f'iter{t}' / 'synthetic.jsonl'}")
+        print0(f"iteration {t}: reusing the generated responses in "
+               f"{run.file(t, 'synthetic.jsonl')}")
         return pairs
     shard = distributed.shard(len(run_data.rows), args)  # this rank's prompts
     done, keep = run.sampled(t, [run_data.rows[i]["id"] for i in shard])
-    samples = gen.generate(model, tokenizer, [run_data.prompts[i] for i in shard], args.max_new_tokens,
-                           not args.greedy, args.temperature, args.top_p, args.generation_batch_size,
-                           data.seed(args.seed, "samples", t, args.rank), not distributed.bars_off(args), done,
+    seed = data.seed(args.seed, "samples", t, args.rank)
+    samples = gen.generate(model, tokenizer, [run_data.prompts[i] for i in shard],
+                           args.max_new_tokens, not args.greedy, args.temperature, args.top_p,
+                           args.generation_batch_size, seed, not distributed.bars_off(args), done,
                            keep, run_data.stop, preemption.requested, args.bf16)
-    preemption.stop_if_requested(f"while sampling iteration {t}'s responses (those sampled are kept)")
+    preemption.stop_if_requested(f"while sampling iteration {t}'s responses (the sampled are kept)")
     pairs = [data.spin_pair(run_data.rows[i], run_data.prompts[i], run_data.real_ids[i], sample, t)
              for i, sample in zip(shard, samples)]
     return run.save_pairs(t, pairs, [r["id"] for r in run_data.rows])
 
 
 def opponent_pass(model, train_pairs: list[dict], t: int, args, run: RunDir) -> None:
-    """log p_θt(y|x) and log p_θt(y'|x) of every training pair, once per iteration (each rank scores its
-    shard), attached to the pairs; a stopped run's saved values are reused."""
+    """log p_θt(y|x) and log p_θt(y'|x) of every training pair, once per iteration (each rank
+    scores its shard), attached to the pairs; a stopped run's saved values are reused."""
     logps = run.opponent_logps(t, train_pairs)
     if logps is None:
         shard = distributed.shard(len(train_pairs), args)
         mine = [train_pairs[i] for i in shard]
         opponent_logps(model, mine, args)
-        scored = {i: (p["opponent_real_logp"], p["opponent_generated_logp"]) for i, p in zip(shard, mine)}
+        scored = {i: (p["opponent_real_logp"], p["opponent_generated_logp"])
+                  for i, p in zip(shard, mine)}
         logps = run.save_opponent_logps(t, train_pairs, scored)
     else:
-        print0(f"iteration {t}: reusing the opponent log-probs in {run.path / f'iter{t}' / 'opponent_logps.jsonl'}")
+        print0(f"iteration {t}: reusing the opponent log-probs in "
+               f"{run.file(t, 'opponent_logps.jsonl')}")
     for p, (real, generated) in zip(train_pairs, logps):
         p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
     preemption.stop_if_requested(f"after iteration {t}'s opponent log-probs, which are saved")
@@ -204,7 +209,7 @@ def main(argv=None) -> None:
     run = RunDir(args, config)  # refuses a foreign directory, another process, other settings
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    tokenizer, model, run_data, token_rows = prepare(args, run)  # bad input fails here, before any write
+    tokenizer, model, run_data, token_rows = prepare(args, run)  # bad input fails here, not later
     run.begin(token_rows)
     completed = run.completed()
     if completed:
@@ -217,18 +222,18 @@ def main(argv=None) -> None:
     previous = run.pairs(completed - 1) if completed else []
 
     for t in range(completed, args.iters):  # Algorithm 1
-        preemption.stop_if_requested(f"before iteration {t}, with the iterations before it complete")
+        preemption.stop_if_requested(f"before iteration {t}, the iterations before it complete")
         it = run.iteration(t)
         report.begin_iteration(t)
-        pairs = sample_pairs(model, tokenizer, run_data, t, args, run)  # y' ~ p_θt, the frozen opponent
-        train_pairs = pairs + (previous if args.mix_previous_iteration else [])  # §5.1: also t−1's pairs
+        pairs = sample_pairs(model, tokenizer, run_data, t, args, run)  # y' ~ p_θt, frozen opponent
+        train_pairs = pairs + (previous if args.mix_previous_iteration else [])  # §5.1: and t−1's
         opponent_pass(model, train_pairs, t, args, run)  # log p_θt of y and y', once
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history, trainer = train(model, train_pairs, lr, t, args, it, on_step=report.log_step)  # θ_{t+1}
+        history, trainer = train(model, train_pairs, lr, t, args, it, report.log_step)  # θ_{t+1}
         trainer.save_model(tokenizer, it / "model", args)
         trainer.release()  # the optimizer state and ZeRO-3's partitions go before θ_{t+1} loads
         del trainer, model  # the next opponent is θ_{t+1} exactly as saved, a whole copy again
-        gc.collect()  # ZeRO-3's engine sits in reference cycles: freed now, not at the next automatic pass
+        gc.collect()  # ZeRO-3's engine sits in reference cycles: freed now, not at some later pass
         model = opponent(it / "model", args).to(distributed.device(args))
         run.complete(t, report.end_iteration(t, model, pairs, train_pairs, history, lr))
         previous = pairs
@@ -239,7 +244,8 @@ def main(argv=None) -> None:
 
 def opponent(path: Path, args):
     """θ_t from its saved directory: a whole inference copy on every rank."""
-    return load_model(str(path), args.attn_implementation, args.trust_remote_code, weights_dtype(args))[1]
+    dtype = weights_dtype(args)
+    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype)[1]
 
 
 def cli(argv=None) -> int:

@@ -30,7 +30,8 @@ from loss import sequence_logps
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 # zephyr's template: <|user|>\n{content}</s>\n<|assistant|>\n{content}</s>\n
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
@@ -57,7 +58,8 @@ def build_tokenizer():
     chars = ["\n"] + [chr(i) for i in range(32, 127)]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every char
+    every_char = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.pre_tokenizer = every_char
     backend.decoder = decoders.Fuse()  # without it decode() puts a space between characters
     backend.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
@@ -72,10 +74,13 @@ def new_model(tokenizer, settings: dict):
     torch.manual_seed(settings["seed"])
     config = MistralConfig(
         vocab_size=len(tokenizer), hidden_size=settings["hidden_size"],
-        intermediate_size=settings["intermediate_size"], num_hidden_layers=settings["num_hidden_layers"],
-        num_attention_heads=settings["num_attention_heads"], num_key_value_heads=settings["num_key_value_heads"],
+        intermediate_size=settings["intermediate_size"],
+        num_hidden_layers=settings["num_hidden_layers"],
+        num_attention_heads=settings["num_attention_heads"],
+        num_key_value_heads=settings["num_key_value_heads"],
         max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return MistralForCausalLM(config)
 
@@ -107,7 +112,8 @@ def sft(model, tokenizer, settings: dict) -> None:
     """Supervised fine-tuning: maximise the mean per-token log-likelihood of the human responses."""
     rows = data.toy_rows("train", settings["num_prompts"], settings["seed"])
     chat = data.ChatFormat(tokenizer)
-    sequences = [data.build_sequence(chat.prompt_ids(r["messages"]), chat.reply_ids(r["messages"], r["response"]),
+    sequences = [data.build_sequence(chat.prompt_ids(r["messages"]),
+                                     chat.reply_ids(r["messages"], r["response"]),
                                      64, 128) for r in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["sft_learning_rate"])
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -122,8 +128,8 @@ def sft(model, tokenizer, settings: dict) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(f"toy: SFT warm-up of the weak start, {settings['sft_steps']} steps in {time.time() - start:.0f}s, "
-          f"last loss {loss.item():.3f} per token")
+    print(f"toy: SFT warm-up of the weak start, {settings['sft_steps']} steps in "
+          f"{time.time() - start:.0f}s, last loss {loss.item():.3f} per token")
 
 
 @torch.no_grad()
@@ -143,9 +149,11 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
         truth = data.toy_p_data(row["messages"][-1]["content"])
         correct += gen["ended"] and gen["text"] in truth
         prompt_ids = chat.prompt_ids(row["messages"])
-        sequences = [data.build_sequence(prompt_ids, chat.reply_ids(row["messages"], y), 64, 128) for y in truth]
+        replies = [chat.reply_ids(row["messages"], y) for y in truth]
+        sequences = [data.build_sequence(prompt_ids, reply, 64, 128) for reply in replies]
         batch = data.collate(sequences, tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
         p_model = sequence_logps(logits, batch["labels"].to(device)).exp().tolist()
         mass = sum(p_model)
         tv += 0.5 * (sum(abs(pm - pd) for pm, pd in zip(p_model, truth.values())) + (1.0 - mass))
@@ -154,5 +162,5 @@ def evaluate(model, tokenizer, rows: list[dict], generated: list[dict]) -> dict:
     return {"accuracy": correct / n, "tv_distance": tv / n, "valid_mass": valid_mass / n}
 
 
-if __name__ == "__main__":  # its metrics are the "start" row of `python spin.py` (evaluation.toy_metrics)
+if __name__ == "__main__":  # its metrics: the "start" row of `python spin.py`
     print(sft_model_path())

@@ -79,6 +79,10 @@ class RunDir:
         self._wait()
         return self.path / f"iter{t}"
 
+    def file(self, t: int, name: str) -> Path:
+        """The path of one of iteration t's files."""
+        return self.path / f"iter{t}" / name
+
     def close(self) -> None:
         """The run is over: the directory's lock is released (a process's exit releases it anyway)."""
         checkpoint.unlock()

@@ -215,3 +215,29 @@ def test_two_runs_started_together_on_one_directory_one_runs_one_is_refused(smal
     assert results[1][1].count("\n") == 1 and "--output_dir" in results[1][1] and "Traceback" not in results[1][1]
     steps = [m["step"] for m in read_jsonl(run / "iter0" / "metrics.jsonl")]
     assert steps == list(range(len(steps)))  # one history, no step twice
+
+
+BEFORE_THE_PACKAGE = "b21a607"  # the last commit before machinery/ (issue 25): its run directories must resume
+
+
+def test_a_run_directory_made_before_the_package_resumes(small_sft_model, tmp_path):
+    """The run-directory format is kept: a run made by the code of BEFORE_THE_PACKAGE (its files taken from
+    git history), one iteration, is continued by today's spin.py for a second."""
+    old = tmp_path / "old-code"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_THE_PACKAGE], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"git history without {BEFORE_THE_PACKAGE} (a shallow or exported copy)")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    run = tmp_path / "run"
+    flags = toy_run(small_sft_model, run, "--max_samples", 32, "--per_device_train_batch_size", 8,
+                    "--eval_samples", 8, "--iters", 1)
+    made = subprocess.run([sys.executable, str(old / "spin.py"), *flags], cwd=old, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, str(ROOT / "spin.py"), *flags, "--iters", "2"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "iterations 0..0 are complete" in resumed.stdout
+    assert (run / "iter1" / "complete.json").exists()
+    assert len(read_jsonl(run / "iterations.jsonl")) == 2
