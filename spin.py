@@ -14,8 +14,7 @@ The paper's pieces are the files beside this one (generate.py, loss.py, data.py)
 run them for real (flags, the run directory and resume, ranks and ZeRO-3, the fast log-prob path,
 evaluation, reporting) is the package machinery/, which this loop calls by name.
 
-The run directory (--output_dir) keeps every phase's results; re-running the same command resumes
-it (its files: README.md, "The run directory"; its operations: machinery/rundir.py).
+Re-running the same command resumes its run directory, --output_dir (machinery/rundir.py).
 """
 import gc
 import math
@@ -29,7 +28,7 @@ import torch
 import data
 import generate as gen
 from loss import spin_loss
-from machinery import backends, distributed, preemption
+from machinery import adapters, backends, distributed, preemption
 from machinery.cli import pairs_per_step, parse_args, run_config, run_main
 from machinery.distributed import print0
 from machinery.logps import score, score_all
@@ -73,7 +72,8 @@ def disable_dropout(model) -> None:
 
 def rmsprop(model, learning_rate: float, total_steps: int, warmup_ratio: float):
     """The paper's optimizer (§5.1): RMSProp without weight decay; linear warmup, linear decay."""
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or --use_peft's adapters
+    optimizer = torch.optim.RMSprop(trained, lr=learning_rate, weight_decay=0.0)
     warmup_steps = math.ceil(warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:  # no step runs at lr 0
@@ -238,14 +238,17 @@ def main(argv=None) -> None:
         run.complete(t, report.end_iteration(t, model, pairs, train_pairs, history, lr))
         previous = pairs
     report.finish()
+    if args.use_peft and distributed.writer(args):  # for deployment: base + adapter as one model
+        adapters.merge(run.file(args.iters - 1, "model"), run.path / "merged")
     run.close()
     distributed.teardown()
 
 
 def opponent(path: Path, args):
     """θ_t from its saved directory: a whole inference copy on every rank."""
-    dtype = weights_dtype(args)
-    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype)[1]
+    dtype, bits = weights_dtype(args), adapters.quantization(args)  # QLoRA: the base in 4 bits
+    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype,
+                      quantization=bits)[1]
 
 
 def cli(argv=None) -> int:

@@ -28,7 +28,7 @@ from machinery import distributed
 # `iters` is here so that a finished run can be continued for more iterations.
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
                "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
-               "hub_model_id", "hub_private_repo", "deterministic", "fast_logps"}
+               "hub_model_id", "hub_private_repo", "deterministic", "fast_logps", "lora_dropout"}
 
 
 class RunDirError(ValueError):
@@ -147,7 +147,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # Settings added after runs were made without them: what those runs did.
 ADDED_LATER = {"group_by_length": False,  # random optimizer steps before --group_by_length existed
-               "padding_free": False}  # padded rows before --padding_free existed
+               "padding_free": False,  # padded rows before --padding_free existed
+               "use_peft": False, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["all-linear"],
+               "load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+               "use_bnb_nested_quant": False}  # full fine-tuning before --use_peft existed
 
 
 def check_config(run: Path, config: dict) -> None:
@@ -228,7 +231,13 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> int:
     to continue from."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(path / "model" / "model.safetensors"), strict=False)
+    adapter = path / "model" / "adapter_model.safetensors"
+    if adapter.exists():  # --use_peft: the adapters are the trained weights
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+    else:
+        model.load_state_dict(load_file(path / "model" / "model.safetensors"), strict=False)
     state = torch.load(path / "state.pt", weights_only=True)  # tensors and numbers only: nothing unpickled
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -107,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run "
                    "ends bit for bit as an uninterrupted one on GPUs too, at a cost in speed (CPU runs are always)")
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    add_peft_flags(p)
     add_reporting_flags(p)
     p.set_defaults(**config_file(p, argv))
     args = p.parse_args(argv)
@@ -116,6 +117,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     apply_recipe(args)
     validate(args)
     return args
+
+
+def add_peft_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("low-rank adapters (TRL's ModelConfig names; machinery/adapters.py)")
+    g.add_argument("--use_peft", action=argparse.BooleanOptionalAction, default=None, help="train LoRA "
+                   "adapters on a frozen base instead of every weight; θ_t is the base plus iteration t's "
+                   "adapter, carried to the next")
+    g.add_argument("--lora_r", type=int, help="the adapters' rank (default 16)")
+    g.add_argument("--lora_alpha", type=int, help="the adapters' scale is lora_alpha / lora_r (default 32)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="accepted for TRL's scripts; SPIN turns "
+                   "every dropout off (the first loss must be log 2), this one included")
+    g.add_argument("--lora_target_modules", nargs="+",
+                   help="module names the adapters wrap (default: all-linear, every linear layer but the head)")
+    g.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="QLoRA: the frozen base in 4 bits (bitsandbytes); needs --use_peft")
+    g.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="the frozen base in 8 bits; needs --use_peft")
+    g.add_argument("--bnb_4bit_quant_type", choices=["nf4", "fp4"], help="default nf4")
+    g.add_argument("--use_bnb_nested_quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the 4-bit scales too")
 
 
 def add_reporting_flags(p: argparse.ArgumentParser) -> None:
@@ -167,6 +188,7 @@ def run_main(main, argv=None) -> int:
     """main(argv) as a command: bad input turned into one line on stderr and exit status 2, a diverged
     run into status 1, a run stopped by a signal with its state saved into EXIT_RESUMABLE (75)."""
     from machinery import checkpoint, preemption
+    from machinery.adapters import AdapterError
     from machinery.models import ModelError
     from machinery.steps import TrainingDiverged
     import data
@@ -174,7 +196,7 @@ def run_main(main, argv=None) -> int:
     preemption.install()
     try:
         main(argv)
-    except (UsageError, ModelError, data.DataError, checkpoint.RunDirError) as e:
+    except (UsageError, ModelError, AdapterError, data.DataError, checkpoint.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
@@ -329,6 +351,29 @@ def validate(args) -> None:
                              "(pip install flash-attn --no-build-isolation); or use sdpa")
     if args.deepspeed:
         check_deepspeed_precision(args)
+    check_adapters(args)
+
+
+def check_adapters(args) -> None:
+    """The combinations of adapter flags that cannot run, refused before anything is loaded."""
+    import importlib.util
+
+    quantized = args.load_in_4bit or args.load_in_8bit
+    checks = [
+        (not quantized or args.use_peft, f"--load_in_{4 if args.load_in_4bit else 8}bit needs --use_peft: "
+         f"a quantized base is frozen, only adapters train"),
+        (not (args.load_in_4bit and args.load_in_8bit), "--load_in_4bit and --load_in_8bit: choose one"),
+        (args.lora_r >= 1, "--lora_r must be at least 1"),
+        (not (args.use_peft and args.deepspeed), "--use_peft with --deepspeed is not supported yet: adapters "
+         "train on one process (docs/scaling.md, one GPU)"),
+        (not args.use_peft or importlib.util.find_spec("peft") is not None,
+         "--use_peft needs the peft package: pip install -r requirements.txt"),
+        (not quantized or importlib.util.find_spec("bitsandbytes") is not None,
+         "--load_in_4bit/--load_in_8bit need the bitsandbytes package: pip install bitsandbytes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def check_deepspeed_precision(args) -> None:

@@ -69,13 +69,22 @@ def packaged_gguf(name: str) -> Path:
 
 
 def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32, revision: str | None = None, gguf_file: str | None = None):
+               dtype: torch.dtype = torch.float32, revision: str | None = None, gguf_file: str | None = None,
+               quantization=None):
     """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`);
-    gguf_file: a GGUF file inside the directory or hub repository `name` (transformers' convention)."""
+    gguf_file: a GGUF file inside the directory or hub repository `name` (transformers' convention).
+    A directory of LoRA adapters (--use_peft's iter{t}/model) loads as its base plus the adapters,
+    trainable; quantization: a bitsandbytes config for the base (--load_in_4bit/8bit)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
+    from machinery import adapters
+
     logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
+    if adapters.is_adapter(name):
+        tokenizer, base = load_model(adapters.base_of(name), attn_implementation, trust_remote_code, dtype,
+                                     None, None, quantization)
+        return AutoTokenizer.from_pretrained(name), adapters.attach(base, name)
     if name == "toy":
         import toy
 
@@ -90,6 +99,8 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     revision = None if Path(name).exists() else revision  # a local directory has no revisions
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        if quantization is not None:  # bitsandbytes places the quantized weights itself
+            kwargs.update(quantization_config=quantization, device_map=distributed_device())
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, revision=revision,
                                                      trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
@@ -103,6 +114,10 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
         raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
                          f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
     return tokenizer, model
+
+
+def distributed_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
 def sha256(path: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import data
 import generate as gen
-from machinery import checkpoint, distributed, evaluation, hub, logps, plot
+from machinery import adapters, checkpoint, distributed, evaluation, hub, logps, plot
 from machinery.cli import UsageError
 from machinery.distributed import print0
 from machinery.models import go_offline_if_hub_unreachable, load_model
@@ -37,7 +37,9 @@ def prepare(args, run):
         if refused := distributed.broadcast(refused):
             raise UsageError(refused)
     tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code, weights_dtype(args),
-                                  args.model_revision, args.gguf_file)
+                                  args.model_revision, args.gguf_file, adapters.quantization(args))
+    if args.use_peft and not adapters.is_adapter(args.model):  # θ_0 = the base, with adapters at zero
+        model = adapters.wrap(model, args)
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn, "--dataset", args.dataset_revision,
                           args.dataset_config)
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees

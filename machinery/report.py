@@ -167,8 +167,10 @@ def model_card(config: dict, row: dict, start: dict) -> str:
     keys = [k for k in measured[1] if k not in ("model", "path")]
     # base_model is the model this one was trained from, θ_t: the start for iteration 0; for later
     # iterations iter{t-1}/model, a local directory, which the Hub metadata cannot name.
-    data = ModelCardData(library_name="transformers", tags=["spin", "self-play-fine-tuning"],
-                         base_model=base if t == 0 and models.hub_name(base) else None,
+    adapter = bool(config.get("use_peft"))  # LoRA adapters on the frozen base `base`, every iteration
+    data = ModelCardData(library_name="peft" if adapter else "transformers",
+                         tags=["spin", "self-play-fine-tuning"] + (["lora"] if adapter else []),
+                         base_model=base if (t == 0 or adapter) and models.hub_name(base) else None,
                          datasets=[config["dataset"]] if models.hub_name(config["dataset"]) else None)
     lines = [
         "---",
@@ -182,6 +184,9 @@ def model_card(config: dict, row: dict, start: dict) -> str:
         f"`{config['dataset']}`, and this model was trained to tell the human responses from those (Eq. 4.7).",
         "",
         "| setting | value |", "|---|---|",
+        *([f"| LoRA adapters on the frozen base `{base}` | r {config['lora_r']}, alpha "
+           f"{config['lora_alpha']}, modules {' '.join(config['lora_target_modules'])}"
+           f"{', base in 4 bits' if config.get('load_in_4bit') else ''} |"] if adapter else []),
         f"| training pairs | {row['pairs']} |",
         f"| λ (--beta) | {config['beta']} |",
         f"| loss ℓ | {config['loss_type']} |",

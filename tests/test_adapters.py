@@ -1,0 +1,144 @@
+"""--use_peft: SPIN with LoRA adapters carried across iterations (machinery/adapters.py), on the toy.
+θ_t is the base plus iteration t's adapter; the first loss is log 2 at every iteration, the opponent's
+stored log-probs are θ_t's, checkpoints load as users expect, resume survives SIGKILL bit for bit."""
+import json
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import spin
+from conftest import read_jsonl, toy_run
+from machinery import adapters, logps, models
+from test_resume import kill_when, run_to_end
+
+peft = pytest.importorskip("peft", reason="--use_peft needs peft (requirements.txt)")
+
+FLAGS = ["--use_peft", "--lora_r", 8, "--gradient_checkpointing", "--max_samples", 64, "--per_device_train_batch_size", 16, "--iters", 2,
+         "--eval_samples", 16, "--generation_batch_size", 64, "--save_steps", 2]
+
+
+@pytest.fixture(scope="module")
+def lora_run(small_sft_model, tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora")
+    spin.main(toy_run(small_sft_model, run, *FLAGS))
+    return run
+
+
+def test_every_iteration_starts_at_log_2_and_trains_only_the_adapters(lora_run, small_sft_model):
+    for t in range(2):
+        first = read_jsonl(lora_run / f"iter{t}" / "metrics.jsonl")[0]
+        # θ = θ_t exactly: the opponent pass and step 0 score the same pairs in other batches, which
+        # float32 sums in another order (~1e-6)
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    saved = load_file(lora_run / "iter1" / "model" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # the adapters, and nothing else
+    # every B started at 0 and moved, the first layer's too: the gradient reaches the adapters through
+    # gradient checkpointing's recomputed layers, whose inputs (frozen embeddings) need no gradient
+    assert all(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert any(".layers.0." in k for k in saved)
+    config = json.loads((lora_run / "iter1" / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(small_sft_model) and config["r"] == 8
+    card = (lora_run / "iter1" / "model" / "README.md").read_text()
+    assert "library_name: peft" in card
+
+
+def scored(model, pairs, run):
+    """(log p(y|x), log p(y'|x)) of pairs, as the opponent pass of `run` computes them (its settings)."""
+    args = spin.parse_args(["--config", str(run / "config.json")])
+    copies = [dict(p) for p in pairs]
+    spin.opponent_logps(model, copies, args)
+    return torch.tensor([[p["opponent_real_logp"], p["opponent_generated_logp"]] for p in copies])
+
+
+def test_the_opponent_of_iteration_1_is_exactly_the_saved_adapter_of_iteration_0(lora_run):
+    pairs = read_jsonl(lora_run / "iter1" / "synthetic.jsonl") + read_jsonl(lora_run / "iter0" / "synthetic.jsonl")
+    stored = {(s["iteration"], s["id"]): s for s in read_jsonl(lora_run / "iter1" / "opponent_logps.jsonl")}
+    expected = torch.tensor([[stored[(p["iteration"], p["id"])]["opponent_real_logp"],
+                              stored[(p["iteration"], p["id"])]["opponent_generated_logp"]] for p in pairs])
+    _, model = models.load_model(str(lora_run / "iter0" / "model"))  # base + adapter, as spin.py loads θ_1
+    assert isinstance(model, peft.PeftModel)
+    # the same pairs in the same batches through the same code: only float32 rounding could differ
+    assert torch.allclose(scored(model, pairs, lora_run), expected, atol=1e-5)
+
+
+def test_checkpoints_load_with_peft_and_with_transformers_and_the_merged_model_is_base_plus_adapter(lora_run):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    path = lora_run / "iter1" / "model"
+    pairs = read_jsonl(lora_run / "iter1" / "synthetic.jsonl")[:16]
+    with_peft = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    with_transformers = AutoModelForCausalLM.from_pretrained(str(path))  # transformers reads adapters with peft
+    merged = AutoModelForCausalLM.from_pretrained(str(lora_run / "merged"))  # a plain model: no peft needed
+    assert not isinstance(merged, peft.PeftModel) and (lora_run / "merged" / "model.safetensors").exists()
+    reference = scored(with_peft, pairs, lora_run)
+    assert torch.allclose(scored(with_transformers, pairs, lora_run), reference, atol=1e-5)  # same weights
+    # merging adds B·A into each weight: the same function, rounded once more in float32
+    assert torch.allclose(scored(merged, pairs, lora_run), reference, atol=1e-3)
+    assert logps.fused_head(merged) and logps.fused_head(with_peft)  # the fast path serves both
+
+
+def test_a_killed_adapter_run_resumes_to_the_same_adapter_bit_for_bit(small_sft_model, tmp_path):
+    """Killed mid-training (after the first saved state), run again by the same command: the final
+    adapters equal an uninterrupted run's exactly (both as test_resume.py runs them: one CPU thread)."""
+    run, uninterrupted = tmp_path / "run", tmp_path / "whole"
+    extra = [str(f) for f in FLAGS]
+    run_to_end(small_sft_model, uninterrupted, *extra)
+    killed = kill_when(small_sft_model, run, lambda r: (r / "iter0" / "checkpoint").exists(), extra=extra)
+    assert killed is not None and killed[0] == -signal.SIGKILL
+    run_to_end(small_sft_model, run, *extra)
+    a = load_file(uninterrupted / "iter1" / "model" / "adapter_model.safetensors")
+    b = load_file(run / "iter1" / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load_in_4bit"], "--load_in_4bit needs --use_peft"),
+    (["--use_peft", "--lora_target_modules", "no_such_proj"], "--lora_target_modules no_such_proj:"),
+    (["--use_peft", "--deepspeed", "configs/ds_zero3.json"], "--use_peft with --deepspeed is not supported yet"),
+])
+def test_bad_adapter_flags_are_one_line_and_exit_2(small_sft_model, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    code = spin.cli(toy_run(small_sft_model, run, *flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not run.exists()
+
+
+def test_an_adapter_whose_base_is_gone_is_refused_in_one_line(lora_run, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in (lora_run / "iter0" / "model").iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
+    code = spin.cli(toy_run(adapter, tmp_path / "run", "--use_peft"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "base model '/nowhere/base' is missing" in err[0], err
+
+
+def test_qlora_runs_on_a_4_bit_base_and_every_layers_adapter_learns(small_sft_model, tmp_path):
+    """--load_in_4bit: the base in NF4 (bitsandbytes' CPU kernels here), adapters in float32. The first
+    loss is log 2 (the reloaded base quantizes to the same bits), and every lora_B, the first layer's
+    too, moved from 0: the gradient reaches them through the 4-bit layers above."""
+    pytest.importorskip("bitsandbytes", reason="--load_in_4bit needs bitsandbytes (requirements-test.txt)")
+    run, rows = tmp_path / "run", tmp_path / "rows.jsonl"  # toy rows as a file: no toy metrics (slow in 4 bits)
+    rows.write_text("".join(json.dumps({"prompt": r["messages"][0]["content"], "response": r["response"]}) + "\n"
+                            for r in data.toy_rows("train")[:32]))
+    spin.main(toy_run(small_sft_model, run, *FLAGS, "--load_in_4bit", "--iters", 1, "--dataset", rows,
+                      "--eval_samples", 0))
+    first = read_jsonl(run / "iter0" / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # float32 sums in other batches (~1e-6)
+    saved = load_file(run / "iter0" / "model" / "adapter_model.safetensors")
+    b = {k: v for k, v in saved.items() if "lora_B" in k}
+    assert b and all(v.abs().max() > 0 for v in b.values()), [k for k, v in b.items() if v.abs().max() == 0]
+    assert any(".layers.0." in k for k in b)
+    _, model = models.load_model(str(run / "iter0" / "model"), quantization=adapters.quantization(
+        spin.parse_args(["--config", str(run / "config.json")])))
+    import bitsandbytes
+
+    assert any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())
