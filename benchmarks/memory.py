@@ -32,11 +32,13 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
 }
 CONFIGS = {"full": [], "lora": ["--use_peft"], "qlora": ["--use_peft", "--load_in_4bit"]}
+if not torch.cuda.is_available():  # bitsandbytes' CPU kernels pass no gradient through 4-bit layers
+    del CONFIGS["qlora"]  # (machinery/cli.py refuses QLoRA on a CPU)
 
 
 def measure(config: str, shape: str, steps: int, work: Path) -> dict:
     """One configuration, in this process: build, warm up one step, time `steps` steps."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     import spin
     import toy

@@ -46,11 +46,13 @@ FLAGS = ["--dataset", "toy", "--iters", "2", "--max_samples", "32", "--eval_samp
 def spin(model: Path, out: Path, *extra: str, kill_mid_training: bool = False):
     """spin.py as a user runs it; returns (exit status, stderr tail). One CPU thread on a CPU: the same
     float sums from run to run (tests/test_resume.py)."""
-    command = [sys.executable, "spin.py", "--model", str(model), "--output_dir", str(out), *FLAGS, *extra]
+    small = [] if torch.cuda.is_available() else ["--max_samples", "16"]  # CI's CPU mode: quick
+    command = [sys.executable, "spin.py", "--model", str(model), "--output_dir", str(out), *FLAGS, *small,
+               *extra]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **({} if torch.cuda.is_available() else {"OMP_NUM_THREADS": "1"})}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     if kill_mid_training:
-        while not (out / "iter0" / "checkpoint").exists() and process.poll() is None:
+        while not any((out / f"iter{t}" / "checkpoint").exists() for t in (0, 1)) and process.poll() is None:
             time.sleep(0.05)  # the first saved training state: now it is mid-training
         process.send_signal(signal.SIGKILL)
     _, err = process.communicate(timeout=300)

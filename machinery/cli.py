@@ -364,6 +364,12 @@ def check_adapters(args) -> None:
          f"a quantized base is frozen, only adapters train"),
         (not (args.load_in_4bit and args.load_in_8bit), "--load_in_4bit and --load_in_8bit: choose one"),
         (args.lora_r >= 1, "--lora_r must be at least 1"),
+        # Measured with bitsandbytes 0.50.2 on a CPU (2026-11-30): after one step, the adapters whose
+        # gradient passes through a frozen 4-bit layer (gate, up, v) had not moved; torch warns that
+        # its gemv_4bit op has no autograd kernel. Training there would silently be wrong.
+        (not (quantized and not torch.cuda.is_available()), "--load_in_4bit/--load_in_8bit on a CPU: "
+         "bitsandbytes' CPU kernels pass no gradient through the frozen quantized layers, so most "
+         "adapters would not learn; QLoRA needs a CUDA GPU"),
         (not (args.use_peft and args.deepspeed), "--use_peft with --deepspeed is not supported yet: adapters "
          "train on one process (docs/scaling.md, one GPU)"),
         (not args.use_peft or importlib.util.find_spec("peft") is not None,

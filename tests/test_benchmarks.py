@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,14 +79,13 @@ def test_the_smoke_test_passes_every_check_on_the_cpu():
 
 
 def test_the_quick_memory_benchmark_compares_full_lora_and_qlora():
-    """benchmarks/memory.py --quick: the three configurations run, and the adapters train fewer weights."""
-    pytest.importorskip("bitsandbytes", reason="QLoRA's row needs bitsandbytes (requirements-test.txt)")
+    """benchmarks/memory.py --quick: the configurations run (QLoRA on a GPU only), adapters train fewer."""
     result = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in result.stdout.splitlines()
             if line.startswith(("| full", "| lora", "| qlora"))}
-    assert set(rows) == {"full", "lora", "qlora"}
+    assert set(rows) == {"full", "lora", "qlora"} if torch.cuda.is_available() else {"full", "lora"}
     trainable = {k: int(v[0].replace(",", "")) for k, v in rows.items()}
-    assert trainable["lora"] == trainable["qlora"] < trainable["full"]
+    assert trainable["lora"] == trainable.get("qlora", trainable["lora"]) < trainable["full"]
     assert float(rows["full"][3]) == 1.0 and float(rows["full"][4]) == 1.0  # the ratios' baseline

@@ -230,8 +230,8 @@ def test_a_run_directory_made_before_the_package_resumes(small_sft_model, tmp_pa
         pytest.skip(f"git history without {BEFORE_THE_PACKAGE} (a shallow or exported copy)")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     run = tmp_path / "run"
-    flags = toy_run(small_sft_model, run, "--max_samples", 32, "--per_device_train_batch_size", 8,
-                    "--eval_samples", 8, "--iters", 1)
+    flags = toy_run(small_sft_model, run, "--max_samples", 16, "--per_device_train_batch_size", 8,
+                    "--eval_samples", 4, "--iters", 1)
     made = subprocess.run([sys.executable, str(old / "spin.py"), *flags], cwd=old, env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
