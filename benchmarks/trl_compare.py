@@ -147,18 +147,10 @@ def agreement(sizes: dict, work: Path) -> dict:
         return AutoModelForCausalLM.from_pretrained(work / name).eval()
 
     theirs = run_trl(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, False, work / "trl-check", 1)[0]
-    fused = os.environ.get("SPIN_FUSED_HEAD")
     out = {}
-    for path, padding_free in (("exact", False), ("default", True)):
-        os.environ["SPIN_FUSED_HEAD"] = "1" if padding_free else "0"  # read by logps.fused_head at every call
-        try:
-            ours = run_spin(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, work / f"spin-check-{path}",
-                            padding_free)[0]
-        finally:
-            if fused is None:
-                del os.environ["SPIN_FUSED_HEAD"]
-            else:
-                os.environ["SPIN_FUSED_HEAD"] = fused
+    for path, padding_free in (("exact", False), ("default", True)):  # exact: loss.sequence_logps
+        ours = run_spin(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, work / f"spin-check-{path}",
+                        padding_free)[0]
         out[path] = {"loss": (ours["loss"], theirs["loss"]),
                      "real_reward": (ours["real_reward"], theirs["rewards/chosen"]),
                      "generated_reward": (ours["generated_reward"], theirs["rewards/rejected"])}
