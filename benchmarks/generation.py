@@ -33,13 +33,15 @@ def model_and_prompts(sizes: dict, seed: int = 0):
     tokenizer = toy.build_tokenizer()
     torch.manual_seed(seed)
     model = MistralForCausalLM(MistralConfig(
-        vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=2 * sizes["hidden"],
-        num_hidden_layers=sizes["layers"], num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-        sliding_window=None, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).eval()
+        vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
+        intermediate_size=2 * sizes["hidden"],
+        num_hidden_layers=sizes["layers"], num_attention_heads=8, num_key_value_heads=4,
+        max_position_embeddings=1024, sliding_window=None, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
     model.generation_config = GenerationConfig()
     rng = random.Random(seed)
-    prompts = [[rng.randrange(7, tokenizer.vocab_size) for _ in range(rng.randint(*sizes["lengths"]))]
+    prompts = [[rng.randrange(7, tokenizer.vocab_size)
+                for _ in range(rng.randint(*sizes["lengths"]))]
                for _ in range(sizes["prompts"])]
     return tokenizer, model, prompts
 
@@ -49,15 +51,19 @@ def data_set_order(model, tokenizer, prompts, new_tokens, batch_size) -> list[li
     """The baseline: consecutive batches in the given order, left-padded, model.generate."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         width = max(map(len, batch))
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])  # (B, T)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])  # (B, T)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        # (B, T)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
+        # (B, T)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   generation_config=config)
         out += [row[width:].tolist() for row in generated]
     return out
 
@@ -76,25 +82,28 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             if name == "generate.py":
                 result = [r["generated_ids"] for r in generate.generate(
-                    model, tokenizer, prompts, sizes["new"], do_sample=False, batch_size=sizes["batch"])]
+                    model, tokenizer, prompts, sizes["new"], do_sample=False,
+                    batch_size=sizes["batch"])]
             else:
                 result = data_set_order(model, tokenizer, prompts, sizes["new"], sizes["batch"])
             runs[name].append(time.perf_counter() - started)
-            outputs[name] = [r[: r.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in r else
+            outputs[name] = [r[: r.index(tokenizer.eos_token_id) + 1]
+                             if tokenizer.eos_token_id in r else
                              [t for t in r if t != tokenizer.pad_token_id] for r in result]
     same = outputs["generate.py"] == outputs["data-set order"]
     tokens = sum(map(len, outputs["generate.py"]))
     lengths = sorted(map(len, prompts))
-    print(f"{len(prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), batch "
-          f"{sizes['batch']}, {sizes['new']} new tokens, greedy; Mistral hidden {sizes['hidden']}, {sizes['layers']} "
-          f"layers, vocabulary {sizes['vocab']}; CPU, medians of {len(runs['generate.py'])} run(s)")
+    print(f"{len(prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens (median "
+          f"{lengths[len(lengths) // 2]}), batch {sizes['batch']}, {sizes['new']} new tokens, "
+          f"greedy; Mistral hidden {sizes['hidden']}, {sizes['layers']} layers, vocabulary "
+          f"{sizes['vocab']}; CPU, medians of {len(runs['generate.py'])} run(s)")
     print(f"same tokens from both: {'yes' if same else 'NO'}")
     print("| generation | seconds | generated tokens/s | ratio |")
     print("|---|---|---|---|")
     base = statistics.median(runs["data-set order"])
     for name, times in runs.items():
-        print(f"| {name} | {statistics.median(times):.2f} | {tokens / statistics.median(times):.1f} | "
-              f"{base / statistics.median(times):.2f}x |")
+        median = statistics.median(times)
+        print(f"| {name} | {median:.2f} | {tokens / median:.1f} | {base / median:.2f}x |")
     if not same:
         sys.exit(1)
 

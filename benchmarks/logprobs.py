@@ -1,12 +1,15 @@
 """Memory and time of the project's log-prob paths against the naive one, from the model's last
 hidden states to (B,) sequence log-probs, forward + backward, at Mistral's vocabulary (V = 32,000)
-and Llama-3's (V = 128,256), at the recipe's length (T = 1,024), the first half of each sequence prompt.
+and Llama-3's (V = 128,256), at the recipe's length (T = 1,024), the first half of each sequence
+prompt.
 
     naive: logits at every position (B, T, V), float32 log_softmax over all of them, gather.
     lean:  logits at response positions only (N, V) (logps.batch_logps does this inside the model's
-           forward), then logps.TokenLogps: float32 logsumexp in chunks, softmax recomputed in backward,
-           the gradient written over the logits. The path of models outside logps.FUSED_HEAD_MODELS.
-    fused: logps.FusedTokenLogps, the default: the head and the log-softmax in one, a chunk of response
+           forward), then logps.TokenLogps: float32 logsumexp in chunks, softmax recomputed in
+           backward, the gradient written over the logits. The path of models outside
+           logps.FUSED_HEAD_MODELS.
+    fused: logps.FusedTokenLogps, the default: the head and the log-softmax in one, a chunk of
+    response
            positions at a time; no (N, V) tensor at all; backward makes each chunk's logits again.
 
     python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000 and 128256; float32 and bfloat16
@@ -45,7 +48,8 @@ def naive(hidden, weight, labels):
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     log_probs = logits.float().log_softmax(-1)  # (B, T-1, V) float32
-    return (log_probs.gather(2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2) * mask).sum(-1)
+    return (log_probs.gather(2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2)
+            * mask).sum(-1)
 
 
 def lean(hidden, weight, labels):
@@ -61,7 +65,8 @@ def fused(hidden, weight, labels):
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     positions = F.pad(mask, (0, 1))  # (B, T)
     head = types.SimpleNamespace(weight=weight, bias=None)  # what backward reads the weight from
-    token_logps = FusedTokenLogps.apply(hidden[positions], weight, None, labels[:, 1:][mask], head)  # (N,)
+    # (N,)
+    token_logps = FusedTokenLogps.apply(hidden[positions], weight, None, labels[:, 1:][mask], head)
     return torch.zeros(mask.shape).masked_scatter(mask, token_logps).sum(-1)  # (B,)
 
 
@@ -101,7 +106,8 @@ def resident() -> int:
 def peak_worker(path: str, sizes: list[int], dtype: str) -> None:
     """In a fresh process: peak resident bytes of one forward + backward above the inputs."""
     hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
-    PATHS[path](hidden, weight, labels).sum().backward()  # warm-up: first-call allocations, the gradients
+    # warm-up: first-call allocations, the gradients
+    PATHS[path](hidden, weight, labels).sum().backward()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # Linux: reset the peak resident size (VmHWM) to the current one
     before = resident()
@@ -139,26 +145,31 @@ def main(argv=None):
     b, t, h = (2, 64, 16) if args.quick else (4, 1024, 256)
     vocabularies = [1000] if args.quick else [32000, 128256]
     repeats = 1 if args.quick else args.repeats
-    print(f"B={b} T={t} H={h}, the first half of each sequence prompt; forward + backward on the CPU; "
-          f"ratios are against naive")
-    print("| V | dtype | naive saved MiB | lean saved MiB | fused saved MiB | naive peak MiB | lean peak MiB | "
-          "fused peak MiB | lean peak ratio | fused peak ratio | naive s | lean s | fused s | lean time ratio | "
-          "fused time ratio | fused max abs diff |")
+    print(f"B={b} T={t} H={h}, the first half of each sequence prompt; forward + backward on the "
+          f"CPU; ratios are against naive")
+    print("| V | dtype | naive saved MiB | lean saved MiB | fused saved MiB | naive peak MiB | "
+          "lean peak MiB | fused peak MiB | lean peak ratio | fused peak ratio | naive s | lean s "
+          "| fused s | lean time ratio | fused time ratio | fused max abs diff |")
     print("|---" * 16 + "|")
     for v in vocabularies:
         for dtype in ("float32", "bfloat16"):
             sizes = [b, t, h, v]
             hidden, weight, labels = inputs(*sizes, getattr(torch, dtype))
             with torch.no_grad():
-                diff = (fused(hidden, weight, labels) - naive(hidden, weight, labels)).abs().max().item()
-            saved = {name: saved_bytes(f, hidden, weight, labels) / 2**20 for name, f in PATHS.items()}
+                diff = (fused(hidden, weight, labels)
+                        - naive(hidden, weight, labels)).abs().max().item()
+            saved = {name: saved_bytes(f, hidden, weight, labels) / 2**20
+                     for name, f in PATHS.items()}
             peak = {name: peak_bytes(name, sizes, dtype) / 2**20 for name in PATHS}
-            time_s = {name: seconds(f, hidden, weight, labels, repeats) for name, f in PATHS.items()}
-            print(f"| {v} | {dtype} | {saved['naive']:.0f} | {saved['lean']:.0f} | {saved['fused']:.1f} | "
-                  f"{peak['naive']:.0f} | {peak['lean']:.0f} | {peak['fused']:.0f} | "
-                  f"{peak['lean'] / max(peak['naive'], 1e-9):.3f} | {peak['fused'] / max(peak['naive'], 1e-9):.3f} | "
-                  f"{time_s['naive']:.3f} | {time_s['lean']:.3f} | {time_s['fused']:.3f} | "
-                  f"{time_s['lean'] / time_s['naive']:.2f} | {time_s['fused'] / time_s['naive']:.2f} | {diff:.1e} |",
+            time_s = {name: seconds(f, hidden, weight, labels, repeats)
+                      for name, f in PATHS.items()}
+            print(f"| {v} | {dtype} | {saved['naive']:.0f} | {saved['lean']:.0f} | "
+                  f"{saved['fused']:.1f} | {peak['naive']:.0f} | {peak['lean']:.0f} | "
+                  f"{peak['fused']:.0f} | {peak['lean'] / max(peak['naive'], 1e-9):.3f} | "
+                  f"{peak['fused'] / max(peak['naive'], 1e-9):.3f} | {time_s['naive']:.3f} | "
+                  f"{time_s['lean']:.3f} | {time_s['fused']:.3f} | "
+                  f"{time_s['lean'] / time_s['naive']:.2f} | "
+                  f"{time_s['fused'] / time_s['naive']:.2f} | {diff:.1e} |",
                   flush=True)
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
@@ -48,12 +49,14 @@ def measure(config: str, shape: str, steps: int, work: Path) -> dict:
     if not base.exists():  # written once by the first configuration, read by the others
         torch.manual_seed(0)
         tokenizer = toy.build_tokenizer()
-        LlamaForCausalLM(LlamaConfig(**SHAPES[shape], max_position_embeddings=512)).save_pretrained(base)
+        LlamaForCausalLM(LlamaConfig(**SHAPES[shape],
+                                     max_position_embeddings=512)).save_pretrained(base)
         tokenizer.save_pretrained(base)
     size = 8
-    flags = ["--model", str(base), "--dataset", "toy", "--output_dir", str(work / config), "--quiet",
-             "--per_device_train_batch_size", str(size), "--num_train_epochs", "1", "--max_length", "256",
-             "--max_prompt_length", "128", "--learning_rate", "1e-5", *CONFIGS[config]]
+    flags = ["--model", str(base), "--dataset", "toy", "--output_dir", str(work / config),
+             "--quiet",
+             "--per_device_train_batch_size", str(size), "--num_train_epochs", "1", "--max_length",
+             "256", "--max_prompt_length", "128", "--learning_rate", "1e-5", *CONFIGS[config]]
     args = spin.parse_args(flags)
     _, model = models.load_model(str(base), quantization=adapters.quantization(args))
     model = adapters.wrap(model, args) if args.use_peft else model
@@ -61,14 +64,17 @@ def measure(config: str, shape: str, steps: int, work: Path) -> dict:
         model = model.cuda()
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
-    pairs = [{"id": i, "iteration": 0, "prompt_ids": torch.randint(3, vocab, (96,), generator=g).tolist(),
+    pairs = [{"id": i, "iteration": 0,
+              "prompt_ids": torch.randint(3, vocab, (96,), generator=g).tolist(),
               "real_ids": torch.randint(3, vocab, (64,), generator=g).tolist(),
-              "generated_ids": torch.randint(3, vocab, (64,), generator=g).tolist()} for i in range(size * (steps + 1))]
+              "generated_ids": torch.randint(3, vocab, (64,), generator=g).tolist()}
+              for i in range(size * (steps + 1))]
     spin.opponent_logps(model, pairs, args)
     (work / config / "iter0").mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    spin.train(model, pairs[:size], 1e-5, 0, args, work / config / "iter0")  # warm-up: allocators, kernels
+    # warm-up: allocators, kernels
+    spin.train(model, pairs[:size], 1e-5, 0, args, work / config / "iter0")
     (work / config / "iter0" / "metrics.jsonl").unlink()
     started = time.time()
     spin.train(model, pairs[size:], 1e-5, 0, args, work / config / "iter0")
@@ -92,22 +98,26 @@ def main(argv=None) -> None:
         return
     shape, steps = ("tiny", 2) if args.quick else ("smollm2-135m", 3)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}; LlamaForCausalLM {SHAPES[shape]}; {steps} steps of 8 pairs (96 + 64 + 64 tokens)")
+    print(f"{device}; LlamaForCausalLM {SHAPES[shape]}; {steps} steps of 8 pairs (96 + 64 + 64 "
+          f"tokens)")
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         for config in CONFIGS:  # one process each: a peak is that configuration's alone
-            out = subprocess.run([sys.executable, __file__, "--worker", config, shape, str(steps), work],
+            out = subprocess.run([sys.executable, __file__, "--worker", config, shape, str(steps),
+                                  work],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{config}: {out.stderr[-2000:]}")
             rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
     memory = "peak GPU memory GiB" if torch.cuda.is_available() else "peak RSS GiB"
-    print(f"| configuration | trainable parameters | s / step | {memory} | time vs full | memory vs full |")
+    print(f"| configuration | trainable parameters | s / step | {memory} | time vs full | memory "
+          f"vs full |")
     print("|---|---|---|---|---|---|")
     full = rows["full"]
     for config, r in rows.items():
-        print(f"| {config} | {r['trainable']:,} | {r['seconds_per_step']:.2f} | {r['peak_gib']:.2f} | "
-              f"{r['seconds_per_step'] / full['seconds_per_step']:.2f} | {r['peak_gib'] / full['peak_gib']:.2f} |")
+        print(f"| {config} | {r['trainable']:,} | {r['seconds_per_step']:.2f} | "
+              f"{r['peak_gib']:.2f} | {r['seconds_per_step'] / full['seconds_per_step']:.2f} | "
+              f"{r['peak_gib'] / full['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/smoke.py        # on a GPU machine: the CUDA path; on a CPU-only one: the same checks on CPU
 
-1. `spin.py` end to end on a tiny random Mistral (the toy's tokenizer and chat template), --bf16 with
+1. `spin.py` end to end on a tiny random Mistral (the toy's tokenizer and chat template), --bf16
+with
    SDPA, 2 iterations, packed rows: it completes, and each iteration's first loss is log 2 within
    bf16 rounding (the opponent pass and step 0 score the same pairs in other batches).
 2. The same under `--deepspeed configs/ds_zero3.json` on one rank (a group of one: the NCCL start of
@@ -33,26 +34,32 @@ sys.path.insert(0, str(ROOT))
 import toy  # noqa: E402
 
 # bf16 keeps 8 bits of mantissa. A pair's log-prob here sums ~20 tokens near -7 each (a random model
-# over 40 tokens): the same sum from another batch shape moves by up to ~0.1, a first-step loss at λ 0.1
-# by far less; 0.02 is the bound on the mean of a step's losses.
+# over 40 tokens): the same sum from another batch shape moves by up to ~0.1, a first-step loss at λ
+# 0.1 by far less; 0.02 is the bound on the mean of a step's losses.
 FIRST_LOSS_TOLERANCE = {"bf16": 0.02, "float32": 1e-5}
-TINY = dict(sft_steps=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2)  # one step: nearly random
-FLAGS = ["--dataset", "toy", "--iters", "2", "--max_samples", "32", "--eval_samples", "8", "--max_new_tokens", "12",
+# one step: nearly random
+TINY = dict(sft_steps=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+FLAGS = ["--dataset", "toy", "--iters", "2", "--max_samples", "32", "--eval_samples", "8",
+         "--max_new_tokens", "12",
          "--max_length", "48", "--max_prompt_length", "32", "--per_device_train_batch_size", "8",
-         "--generation_batch_size", "32", "--num_train_epochs", "1", "--learning_rate", "1e-4", "--save_steps", "3",
-         "--attn_implementation", "sdpa", "--padding_free", "--quiet"]
+         "--generation_batch_size", "32", "--num_train_epochs", "1", "--learning_rate", "1e-4",
+         "--save_steps", "3", "--attn_implementation", "sdpa", "--padding_free", "--quiet"]
 
 
 def spin(model: Path, out: Path, *extra: str, kill_mid_training: bool = False):
-    """spin.py as a user runs it; returns (exit status, stderr tail). One CPU thread on a CPU: the same
-    float sums from run to run (tests/test_resume.py)."""
+    """spin.py as a user runs it; returns (exit status, stderr tail). One CPU thread on a CPU:
+    the same float sums from run to run (tests/test_resume.py)."""
     small = [] if torch.cuda.is_available() else ["--max_samples", "16"]  # CI's CPU mode: quick
-    command = [sys.executable, "spin.py", "--model", str(model), "--output_dir", str(out), *FLAGS, *small,
-               *extra]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **({} if torch.cuda.is_available() else {"OMP_NUM_THREADS": "1"})}, stdout=subprocess.DEVNULL,
+    command = [sys.executable, "spin.py", "--model", str(model), "--output_dir", str(out), *FLAGS,
+               *small, *extra]
+    process = subprocess.Popen(command, cwd=ROOT,
+                               env={**os.environ,
+                                    **({} if torch.cuda.is_available()
+                                       else {"OMP_NUM_THREADS": "1"})}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     if kill_mid_training:
-        while not any((out / f"iter{t}" / "checkpoint").exists() for t in (0, 1)) and process.poll() is None:
+        while not any((out / f"iter{t}" / "checkpoint").exists()
+                      for t in (0, 1)) and process.poll() is None:
             time.sleep(0.05)  # the first saved training state: now it is mid-training
         process.send_signal(signal.SIGKILL)
     _, err = process.communicate(timeout=300)
@@ -60,7 +67,8 @@ def spin(model: Path, out: Path, *extra: str, kill_mid_training: bool = False):
 
 
 def first_losses(out: Path) -> list[float]:
-    return [json.loads((out / f"iter{t}" / "complete.json").read_text())["first_loss"] for t in range(2)]
+    return [json.loads((out / f"iter{t}" / "complete.json").read_text())["first_loss"]
+            for t in range(2)]
 
 
 def end_to_end(model: Path, work: Path, precision: str, *extra: str) -> str:
@@ -69,7 +77,8 @@ def end_to_end(model: Path, work: Path, precision: str, *extra: str) -> str:
     assert code == 0, err
     losses = first_losses(out)
     worst = max(abs(x - math.log(2)) for x in losses)
-    assert worst <= FIRST_LOSS_TOLERANCE[precision], f"first losses {losses}, log 2 ± {FIRST_LOSS_TOLERANCE[precision]}"
+    bound = FIRST_LOSS_TOLERANCE[precision]
+    assert worst <= bound, f"first losses {losses}, log 2 ± {bound}"
     return f"first losses {', '.join(f'{x:.5f}' for x in losses)} (|x - log 2| ≤ {worst:.1e})"
 
 
@@ -90,10 +99,13 @@ def deterministic_resume(model: Path, work: Path, precision: str) -> str:
 
 
 def gpu_tests() -> str:
-    files = ["tests/test_cuda.py", "tests/test_logps.py"] if torch.cuda.is_available() else ["tests/test_cuda.py"]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT, env={**os.environ, "SPIN_TESTS_CUDA": "1"},
+    files = ["tests/test_cuda.py",
+             "tests/test_logps.py"] if torch.cuda.is_available() else ["tests/test_cuda.py"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             *files], cwd=ROOT, env={**os.environ, "SPIN_TESTS_CUDA": "1"},
                             capture_output=True, text=True, timeout=400)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-500:]
+    out = result.stdout.strip()
+    summary = out.splitlines()[-1] if out else result.stderr[-500:]
     assert result.returncode == 0, result.stdout[-2000:]
     return summary
 
@@ -101,17 +113,21 @@ def gpu_tests() -> str:
 def main() -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    precision = "bf16" if cuda else "float32"  # bf16 autocast on a CPU is slow and not what this checks there
+    # bf16 autocast on a CPU is slow and not what this checks there
+    precision = "bf16" if cuda else "float32"
     print(f"smoke test on {device}, torch {torch.__version__}, {precision}", flush=True)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = toy.sft_model_path(str(work / "cache"), **TINY)
         checks = [
-            (f"spin.py, {precision}, SDPA, packed rows", lambda: end_to_end(model, work, precision)),
-            ("spin.py --deepspeed ZeRO-3, one rank", lambda: end_to_end(model, work, precision, "--deepspeed",
+            (f"spin.py, {precision}, SDPA, packed rows",
+             lambda: end_to_end(model, work, precision)),
+            ("spin.py --deepspeed ZeRO-3, one rank",
+             lambda: end_to_end(model, work, precision, "--deepspeed",
                                                                         "configs/ds_zero3.json")),
-            ("--deterministic resume after SIGKILL", lambda: deterministic_resume(model, work, precision)),
+            ("--deterministic resume after SIGKILL",
+             lambda: deterministic_resume(model, work, precision)),
             ("GPU-sensitive tests", gpu_tests),
         ]
         for name, check in checks:

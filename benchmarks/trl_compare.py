@@ -45,20 +45,25 @@ import data  # noqa: E402
 import spin  # noqa: E402
 import toy  # noqa: E402
 
-FULL = dict(hidden=256, layers=4, vocab=32000, pairs=128, batch=8, prompt=(32, 256), response=(32, 256), max_length=512)
-QUICK = dict(hidden=32, layers=2, vocab=1000, pairs=16, batch=4, prompt=(4, 24), response=(4, 24), max_length=48)
+FULL = dict(hidden=256, layers=4, vocab=32000, pairs=128, batch=8, prompt=(32, 256),
+            response=(32, 256), max_length=512)
+QUICK = dict(hidden=32, layers=2, vocab=1000, pairs=16, batch=4, prompt=(4, 24), response=(4, 24),
+             max_length=48)
 BETA, LR = 0.1, 1e-5
 
 
 def make_model(sizes: dict, path: Path, seed: int = 0, noise: float = 0.0) -> None:
-    """A Mistral with the toy's character tokenizer and a vocabulary of `vocab` (Mistral's: 32,000)."""
+    """A Mistral with the toy's character tokenizer and a vocabulary of `vocab` (Mistral's:
+    32,000)."""
     from transformers import MistralConfig, MistralForCausalLM
 
     tokenizer = toy.build_tokenizer()
     torch.manual_seed(seed)
-    config = MistralConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=2 * sizes["hidden"],
-                           num_hidden_layers=sizes["layers"], num_attention_heads=8, num_key_value_heads=4,
-                           max_position_embeddings=1024, sliding_window=None, tie_word_embeddings=False,
+    config = MistralConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
+                           intermediate_size=2 * sizes["hidden"],
+                           num_hidden_layers=sizes["layers"], num_attention_heads=8,
+                           num_key_value_heads=4, max_position_embeddings=1024, sliding_window=None,
+                           tie_word_embeddings=False,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
     model = MistralForCausalLM(config)
@@ -79,47 +84,61 @@ def make_rows(sizes: dict, seed: int = 0) -> list[dict]:
     def text(bounds):
         return "".join(rng.choice(alphabet) for _ in range(rng.randint(*bounds)))
 
-    return [{"prompt": text(sizes["prompt"]), "real": text(sizes["response"]), "generated": text(sizes["response"])}
+    return [{"prompt": text(sizes["prompt"]), "real": text(sizes["response"]),
+             "generated": text(sizes["response"])}
             for _ in range(sizes["pairs"])]
 
 
 def spin_args(sizes: dict, tokenizer, batch: int, padding_free: bool = True) -> Namespace:
-    return Namespace(per_device_train_batch_size=batch, gradient_accumulation_steps=1, world_size=1, rank=0,
-                     num_train_epochs=1, warmup_ratio=0.1, max_grad_norm=1.0, max_length=sizes["max_length"],
-                     max_prompt_length=sizes["max_length"], beta=BETA, loss_type="logistic", bf16=False,
-                     gradient_checkpointing=False, seed=0, quiet=True, save_steps=10**9, deepspeed=None,
-                     group_by_length=False,  # random steps, as TRL's sampler: the comparison is of the step itself
-                     padding_free=padding_free,  # spin.py's default: on (TRL's padding_free needs FlashAttention)
-                     fast_logps=padding_free)  # the exact path: loss.sequence_logps on the logits, the textbook
+    return Namespace(per_device_train_batch_size=batch, gradient_accumulation_steps=1, world_size=1,
+                     rank=0, num_train_epochs=1, warmup_ratio=0.1, max_grad_norm=1.0,
+                     max_length=sizes["max_length"],
+                     max_prompt_length=sizes["max_length"], beta=BETA, loss_type="logistic",
+                     bf16=False, gradient_checkpointing=False, seed=0, quiet=True, save_steps=10**9,
+                     deepspeed=None,
+                     # random steps, as TRL's sampler: the comparison is of the step itself
+                     group_by_length=False,
+                     # spin.py's default: on (TRL's padding_free needs FlashAttention)
+                     padding_free=padding_free,
+                     # the exact path: loss.sequence_logps on the logits, the textbook
+                     fast_logps=padding_free)
 
 
 def run_spin(model, opponent, tokenizer, rows: list[dict], sizes: dict, batch: int, out: Path,
              padding_free: bool = True) -> list[dict]:
-    """What spin.main does for one iteration once the responses are sampled; returns the step metrics."""
+    """What spin.main does for one iteration once the responses are sampled; returns the step
+    metrics."""
     args = spin_args(sizes, tokenizer, batch, padding_free)
     out.mkdir(parents=True, exist_ok=True)
     chat = data.ChatFormat(tokenizer)
     pairs = [{"prompt_ids": chat.prompt_ids([{"role": "user", "content": r["prompt"]}]),
               "real_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}], r["real"]),
-              "generated_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}], r["generated"])} for r in rows]
+              "generated_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}],
+                                              r["generated"])} for r in rows]
     spin.opponent_logps(opponent, pairs, args)
     history, _ = spin.train(model, pairs, LR, 0, args, out)
     return history
 
 
-def run_trl(model, ref_model, tokenizer, rows: list[dict], sizes: dict, batch: int, precompute: bool, out: Path,
-            max_steps: int = -1) -> list[dict]:
-    """DPOTrainer on the same pairs: prompt = the chat-rendered prompt text, chosen = y, rejected = y'."""
+def run_trl(model, ref_model, tokenizer, rows: list[dict], sizes: dict, batch: int,
+            precompute: bool, out: Path, max_steps: int = -1) -> list[dict]:
+    """DPOTrainer on the same pairs: prompt = the chat-rendered prompt text, chosen = y, rejected
+    = y'."""
     import datasets
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    prompt_text = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+    prompt_text = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                 add_generation_prompt=True,
                                                  tokenize=False) for r in rows]
-    dataset = datasets.Dataset.from_list([{"prompt": p, "chosen": r["real"], "rejected": r["generated"]}
+    dataset = datasets.Dataset.from_list([{"prompt": p, "chosen": r["real"],
+                                           "rejected": r["generated"]}
                                           for p, r in zip(prompt_text, rows)])
-    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1, max_steps=max_steps,
-                       learning_rate=LR, optim="rmsprop", lr_scheduler_type="linear", warmup_steps=0.1,  # a ratio
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1,
+                       max_steps=max_steps,
+                       # a ratio
+                       learning_rate=LR, optim="rmsprop", lr_scheduler_type="linear",
+                       warmup_steps=0.1,
                        weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"],
                        max_length=sizes["max_length"], precompute_ref_log_probs=precompute,
                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
@@ -132,10 +151,10 @@ def run_trl(model, ref_model, tokenizer, rows: list[dict], sizes: dict, batch: i
 
 
 def agreement(sizes: dict, work: Path) -> dict:
-    """First-step loss and rewards of DPOTrainer and of spin.train, policy ≠ opponent, one batch of 8:
-    {path: {quantity: (ours, theirs)}} for spin.train's exact path (--no-fast_logps: loss.sequence_logps
-    on padded rows, a float32 log-softmax as TRL's) and its default one (packed rows, the fused head:
-    other float32 roundings of the same sums)."""
+    """First-step loss and rewards of DPOTrainer and of spin.train, policy ≠ opponent, one batch
+    of 8: {path: {quantity: (ours, theirs)}} for spin.train's exact path (--no-fast_logps:
+    loss.sequence_logps on padded rows, a float32 log-softmax as TRL's) and its default one
+    (packed rows, the fused head: other float32 roundings of the same sums)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     make_model(sizes, work / "opponent")
@@ -146,11 +165,12 @@ def agreement(sizes: dict, work: Path) -> dict:
     def load(name):
         return AutoModelForCausalLM.from_pretrained(work / name).eval()
 
-    theirs = run_trl(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, False, work / "trl-check", 1)[0]
+    theirs = run_trl(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, False,
+                     work / "trl-check", 1)[0]
     out = {}
     for path, padding_free in (("exact", False), ("default", True)):  # exact: loss.sequence_logps
-        ours = run_spin(load("policy"), load("opponent"), tokenizer, rows, sizes, 8, work / f"spin-check-{path}",
-                        padding_free)[0]
+        ours = run_spin(load("policy"), load("opponent"), tokenizer, rows, sizes, 8,
+                        work / f"spin-check-{path}", padding_free)[0]
         out[path] = {"loss": (ours["loss"], theirs["loss"]),
                      "real_reward": (ours["real_reward"], theirs["rewards/chosen"]),
                      "generated_reward": (ours["generated_reward"], theirs["rewards/rejected"])}
@@ -177,7 +197,8 @@ def measure(variant: str, sizes: dict, work: Path) -> dict:
     if variant == "spin":
         run_spin(model, opponent, tokenizer, rows, sizes, sizes["batch"], work / f"out-{variant}")
     else:
-        run_trl(model, None, tokenizer, rows, sizes, sizes["batch"], variant == "trl_precompute", work / f"out-{variant}")
+        run_trl(model, None, tokenizer, rows, sizes, sizes["batch"], variant == "trl_precompute",
+                work / f"out-{variant}")
     seconds = time.perf_counter() - started
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -191,7 +212,8 @@ VARIANTS = ["spin", "trl", "trl_precompute"]
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny sizes, one process, one repeat")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved; medians reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each variant, interleaved; medians reported")
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -207,10 +229,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         check = agreement(sizes, work)
-        print("first step, policy ≠ opponent, the same batch of 8 pairs: spin.train vs TRL DPOTrainer")
-        agreed = []  # each path against its own bound: what is printed is what decides the exit status
+        print("first step, policy ≠ opponent, the same batch of 8 pairs: spin.train vs TRL "
+              "DPOTrainer")
+        # each path against its own bound: what is printed is what decides the exit status
+        agreed = []
         for path, bound in (("exact", 1e-6), ("default", 1e-4)):
-            print(f" spin.train's {path} path ({'loss.sequence_logps on padded rows' if path == 'exact' else 'packed rows, fused head'})")
+            how = ("loss.sequence_logps on padded rows" if path == "exact"
+                   else "packed rows, fused head")
+            print(f" spin.train's {path} path ({how})")
             for key, (ours, theirs) in check[path].items():
                 print(f"  {key:<17} {ours:+.8f} {theirs:+.8f}  |diff| {abs(ours - theirs):.1e}")
             worst = max(abs(a - b) for a, b in check[path].values())
@@ -226,16 +252,19 @@ def main(argv=None) -> None:
                     out = subprocess.run([sys.executable, __file__, "--worker", variant, str(work)],
                                          capture_output=True, text=True, check=True)
                     runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"\none iteration: {sizes['pairs']} pairs, batch {sizes['batch']}, 1 epoch, λ {BETA}, RMSProp; Mistral "
-          f"hidden {sizes['hidden']}, {sizes['layers']} layers, vocabulary {sizes['vocab']}; prompt and responses "
-          f"{sizes['prompt'][0]}-{sizes['prompt'][1]} tokens; medians of {len(runs['spin'])} run(s)")
+    print(f"\none iteration: {sizes['pairs']} pairs, batch {sizes['batch']}, 1 epoch, λ {BETA}, "
+          f"RMSProp; Mistral hidden {sizes['hidden']}, {sizes['layers']} layers, vocabulary "
+          f"{sizes['vocab']}; prompt and responses {sizes['prompt'][0]}-{sizes['prompt'][1]} "
+          f"tokens; medians of {len(runs['spin'])} run(s)")
     print("| variant | seconds | pairs/s | spin speed-up | peak MiB | spin memory ratio |")
     print("|---|---|---|---|---|---|")
-    med = {v: {k: statistics.median(r[k] for r in runs[v]) for k in ("seconds", "pairs_per_s", "peak_mib")}
+    med = {v: {k: statistics.median(r[k] for r in runs[v])
+               for k in ("seconds", "pairs_per_s", "peak_mib")}
            for v in VARIANTS}
     for v in VARIANTS:
         print(f"| {v} | {med[v]['seconds']:.1f} | {med[v]['pairs_per_s']:.2f} | "
-              f"{med['spin']['pairs_per_s'] / med[v]['pairs_per_s']:.2f}x | {med[v]['peak_mib']:.0f} | "
+              f"{med['spin']['pairs_per_s'] / med[v]['pairs_per_s']:.2f}x | "
+              f"{med[v]['peak_mib']:.0f} | "
               f"{med['spin']['peak_mib'] / max(med[v]['peak_mib'], 1e-9):.2f} |")
     if not all(agreed):
         sys.exit(1)

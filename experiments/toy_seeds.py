@@ -1,13 +1,13 @@
-"""The README's toy table over several seeds: `python spin.py` with --seed 42 (its default), 43 and 44,
-each column's mean and spread (min to max) per row.
+"""The README's toy table over several seeds: `python spin.py` with --seed 42 (its default), 43 and
+44, each column's mean and spread (min to max) per row.
 
     python experiments/toy_seeds.py                 # 3 seeds, ~3 min on 2 CPU cores (runs in runs/toy-seed{s})
     python experiments/toy_seeds.py --seeds 42 43 44 45 46
 
---seed changes what SPIN draws (the opponent's samples, the training order, the held-out samples); the
-start θ_0 is the toy's one weak SFT model, the same for every seed on a given machine. Another CPU rounds
-float32 differently, and the SFT warm-up amplifies that: its table differs in the second decimal.
-"""
+--seed changes what SPIN draws (the opponent's samples, the training order, the held-out
+samples); the start θ_0 is the toy's one weak SFT model, the same for every seed on a given
+machine. Another CPU rounds float32 differently, and the SFT warm-up amplifies that: its table
+differs in the second decimal."""
 import argparse
 import json
 import sys
@@ -17,13 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spin  # noqa: E402
 
-COLUMNS = ["loss", "margin", "reward_accuracy", "eval_loss", "eval_margin", "eval_reward_accuracy", "eval_real_logp",
-           "eval_generated_length", "accuracy", "tv_distance"]
+COLUMNS = ["loss", "margin", "reward_accuracy", "eval_loss", "eval_margin", "eval_reward_accuracy",
+           "eval_real_logp", "eval_generated_length", "accuracy", "tv_distance"]
 
 
 def rows(run: Path) -> list[dict]:
     start = json.loads((run / "start.json").read_text())
-    return [start] + [json.loads(line) for line in (run / "iterations.jsonl").read_text().splitlines()]
+    return [start] + [json.loads(line)
+                      for line in (run / "iterations.jsonl").read_text().splitlines()]
 
 
 def table(runs: list[list[dict]]) -> list[str]:
@@ -33,7 +34,8 @@ def table(runs: list[list[dict]]) -> list[str]:
         cells = []
         for c in COLUMNS:
             values = [r[i][c] for r in runs if c in r[i]]
-            cells.append(f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "")
+            cells.append(f"{sum(values) / len(values):.3f} [{min(values):.3f}, "
+                         f"{max(values):.3f}]" if values else "")
         lines.append(f"| {first['iteration']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
     runs = []
     for s in args.seeds:
         out = Path(args.out) / f"toy-seed{s}"
-        spin.main(["--seed", str(s), "--output_dir", str(out), "--quiet"])  # resumes a finished run at once
+        # resumes a finished run at once
+        spin.main(["--seed", str(s), "--output_dir", str(out), "--quiet"])
         runs.append(rows(out))
     print(f"\nThe toy over seeds {', '.join(map(str, args.seeds))}: mean [min, max] of each column")
     print("\n".join(table(runs)))

@@ -1,6 +1,7 @@
-"""What it takes to run SPIN for real, below the paper's files (spin.py, generate.py, loss.py, data.py):
+"""What it takes to run SPIN for real, below the paper's files (spin.py, generate.py, loss.py,
+data.py):
 
-    cli, recipes      the command line: flags with Hugging Face's names, the paper's recipe, validation
+    cli, recipes      the command line: Hugging Face's flag names, the paper's recipe, validation
     prepare           the model, the data and their tokens, checked before anything is written
     rundir, checkpoint, steps, preemption
                       the run directory: what is done, resume after a kill or a scheduler's signal
@@ -11,5 +12,5 @@
     evaluation, report, plot, hub
                       held-out numbers, lm-evaluation-harness, the printed table, trackers, the Hub
 
-Imports point one way: these modules use the paper's files, never the reverse (tests/test_architecture.py).
-"""
+Imports point one way: these modules use the paper's files, never the reverse
+(tests/test_architecture.py)."""

@@ -43,12 +43,14 @@ def wrap(model, args):
     if quantization(args) is not None:  # float32 norms, input gradients for checkpointing
         model = prepare_model_for_kbit_training(model, args.gradient_checkpointing)
     targets = args.lora_target_modules
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                        task_type="CAUSAL_LM",
                         target_modules=targets[0] if targets == ["all-linear"] else targets)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-        raise AdapterError(f"--lora_target_modules {' '.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+        raise AdapterError(f"--lora_target_modules {' '.join(targets)}: "
+                           f"{str(e).splitlines()[0][:200]}") from None
 
 
 def is_adapter(path) -> bool:
@@ -57,10 +59,12 @@ def is_adapter(path) -> bool:
 
 def base_of(path) -> str:
     """The base model an adapter directory names (adapter_config.json's base_model_name_or_path)."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = json.loads((Path(path)
+                       / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base or (base.startswith(("/", ".")) and not Path(base).exists()):
-        raise AdapterError(f"--model {path}: an adapter whose base model {base!r} is missing; put the base "
-                           f"there, or edit base_model_name_or_path in its adapter_config.json")
+        raise AdapterError(f"--model {path}: an adapter whose base model {base!r} is missing; put "
+                           f"the base there, or edit base_model_name_or_path in its "
+                           f"adapter_config.json")
     return base
 
 

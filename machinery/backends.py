@@ -2,7 +2,8 @@
 8×A100 recipe). Both offer the same few operations, so spin.train has one loop for either:
 
     trainer = backends.trainer(model, optimizer, args)    # chosen once
-    trainer.backward(loss, last)    trainer.step() -> gradient norm (clipped to --max_grad_norm, applied)
+    trainer.backward(loss, last)
+    trainer.step() -> gradient norm    (clipped to --max_grad_norm, then the optimizer's step)
     trainer.save_state / load_state (mid-iteration resume)    trainer.save_model (θ_{t+1})
     trainer.release()    (the iteration is over: its optimizer state is freed)
 """
@@ -60,9 +61,11 @@ class Plain:
         checkpoint.save_training_state(path, self.policy, self.optimizer, scheduler, step)
 
     def load_state(self, path: Path, scheduler) -> int:
-        """The step a stopped run saved its state at (every --save_steps), or 0 with nothing saved."""
+        """The step a stopped run saved its state at (every --save_steps), or 0 with nothing
+        saved."""
         saved = checkpoint.saved_state(path)
-        return checkpoint.load_training_state(saved, self.policy, self.optimizer, scheduler) if saved else 0
+        return checkpoint.load_training_state(saved, self.policy, self.optimizer,
+                                              scheduler) if saved else 0
 
     def save_model(self, tokenizer, path: Path, args) -> None:
         checkpoint.save_model(self.policy, tokenizer, path)
@@ -76,28 +79,32 @@ class Zero3:
     """DeepSpeed ZeRO-3: the engine partitions weights, gradients and optimizer state over the ranks
     and steps the optimizer on each rank's partition."""
 
-    applies_before_check = True  # DeepSpeed's engine.step() clips and applies in one call, norm or not
+    # DeepSpeed's engine.step() clips and applies in one call, norm or not
+    applies_before_check = True
 
     def __init__(self, model, optimizer, args):
         import deepspeed
 
-        self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
+        self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(args))
         self.policy.checkpoint_engine = safe_checkpoint_engine()
         self.args = args
 
     def backward(self, loss, last: bool) -> None:
-        self.policy.set_gradient_accumulation_boundary(last)  # gradients are reduced at the step's last micro-batch
+        # gradients are reduced at the step's last micro-batch
+        self.policy.set_gradient_accumulation_boundary(last)
         self.policy.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean share
 
     def step(self) -> float:
-        """Clip to --max_grad_norm and step RMSProp on this rank's partition; returns the global norm."""
+        """Clip to --max_grad_norm and step RMSProp on this rank's partition; returns the global
+        norm."""
         self.policy.step()
         return float(self.policy.get_global_grad_norm())
 
     def save_state(self, path: Path, scheduler, step: int) -> None:
-        """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's checkpoint
-        code into path.tmp; then rank 0 swaps the whole directory in. The scheduler, the step and the
-        RNG travel as DeepSpeed's client state."""
+        """Every rank writes its own partition (fp32 weights, RMSProp state) with DeepSpeed's
+        checkpoint code into path.tmp; then rank 0 swaps the whole directory in. The scheduler,
+        the step and the RNG travel as DeepSpeed's client state."""
         tmp = path.with_name(path.name + ".tmp")
         if distributed.writer(self.args):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -112,17 +119,20 @@ class Zero3:
     def load_state(self, path: Path, scheduler) -> int:
         """Each rank reads its own partition's files (never another rank's), unpickling no code."""
         saved = checkpoint.saved_state(path)
-        if not checkpoint.agreed(path.parent.parent, f"has a training state in {path}", saved is not None):
+        if not checkpoint.agreed(path.parent.parent, f"has a training state in {path}",
+                                 saved is not None):
             return 0
-        _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG, load_lr_scheduler_states=False)
+        _, client = self.policy.load_checkpoint(str(saved), tag=STATE_TAG,
+                                                load_lr_scheduler_states=False)
         scheduler.load_state_dict(client["scheduler"])
         torch.set_rng_state(client["rng"])
         return client["step"]
 
     def save_model(self, tokenizer, path: Path, args) -> None:
-        """Every rank joins the gather of the partitioned weights, one module at a time; the ranks that
-        write (rank 0, or each node's first rank when nodes keep their own copies) keep a CPU copy of
-        each whole weight, in its training dtype, and write the model directory."""
+        """Every rank joins the gather of the partitioned weights, one module at a time; the
+        ranks that write (rank 0, or each node's first rank when nodes keep their own copies)
+        keep a CPU copy of each whole weight, in its training dtype, and write the model
+        directory."""
         import deepspeed
 
         writes, state, copies = distributed.writer(args), {}, {}
@@ -131,7 +141,8 @@ class Zero3:
             with deepspeed.zero.GatheredParameters([p for _, p in own]):
                 if writes:
                     for name, p in own:  # a tied weight (lm_head = embed_tokens) stays one tensor
-                        state[f"{prefix}.{name}" if prefix else name] = copies.setdefault(id(p), p.detach().cpu().clone())
+                        state[f"{prefix}.{name}" if prefix
+                              else name] = copies.setdefault(id(p), p.detach().cpu().clone())
             for name, buffer in module.named_buffers(recurse=False):
                 if writes and name not in module._non_persistent_buffers_set:
                     state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
@@ -141,10 +152,11 @@ class Zero3:
 
 
     def release(self) -> None:
-        """Let go of this rank's partitions (fp32 masters, RMSProp state, gradient buffers: ~12 GB per
-        rank for 7B on 8 GPUs) before the next opponent loads. The engine and its hooks form reference
-        cycles, which plain `del` leaves to the cyclic garbage collector, whenever it runs: the engine
-        is destroyed here, and the caller collects once it has dropped the model too (spin.main)."""
+        """Let go of this rank's partitions (fp32 masters, RMSProp state, gradient buffers: ~12
+        GB per rank for 7B on 8 GPUs) before the next opponent loads. The engine and its hooks
+        form reference cycles, which plain `del` leaves to the cyclic garbage collector, whenever
+        it runs: the engine is destroyed here, and the caller collects once it has dropped the
+        model too (spin.main)."""
         self.policy.destroy()
         self.policy = None
 
@@ -154,9 +166,10 @@ STATE_TAG = "state"  # iter{t}/checkpoint/state/: DeepSpeed's files of each rank
 
 def safe_checkpoint_engine():
     """DeepSpeed's torch checkpoint engine, except that loading executes no code from the files: a
-    run directory may come from elsewhere. torch.load(weights_only=True) reads tensors, containers
-    and numbers, plus the three DeepSpeed types its ZeRO-3 optimizer files hold (an enum and the loss
-    scalers, which are plain numbers). Saving uses torch's zip format, which weights_only reads."""
+    run directory may come from elsewhere. torch.load(weights_only=True) reads tensors,
+    containers and numbers, plus the three DeepSpeed types its ZeRO-3 optimizer files hold (an
+    enum and the loss scalers, which are plain numbers). Saving uses torch's zip format, which
+    weights_only reads."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -4,7 +4,8 @@ Not part of the paper: what makes Algorithm 1 survive a killed job. Every file t
 progress is written whole or not at all (write to a temporary name, fsync, rename); an iteration
 is complete only when its marker `iter{t}/complete.json` exists, and that is written last.
 
-    iter{t}/generated.rank{r}.jsonl   rank r's sampled responses, appended one generation batch at a time
+    iter{t}/generated.rank{r}.jsonl   rank r's sampled responses, appended a generation batch at
+                                      a time
     iter{t}/synthetic.jsonl           all of iteration t's pairs, once generation is complete
     iter{t}/opponent_logps.jsonl      log p_θt of every training pair, once the pass is complete
     iter{t}/checkpoint/               training state every --save_steps and at a stop signal: model,
@@ -26,13 +27,15 @@ from machinery import distributed
 
 # Settings that do not change what a run computes: a re-run may differ in these and still resume.
 # `iters` is here so that a finished run can be continued for more iterations.
-NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps", "gradient_checkpointing",
+NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps",
+               "gradient_checkpointing",
                "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
                "hub_model_id", "hub_private_repo", "deterministic", "fast_logps", "lora_dropout"}
 
 
 class RunDirError(ValueError):
-    """A run directory this command cannot use (in use, not a run, other settings): one line, exit 2."""
+    """A run directory this command cannot use (in use, not a run, other settings): one line,
+    exit 2."""
 
 
 class ConfigMismatch(RunDirError):
@@ -57,7 +60,8 @@ def lock(run: Path) -> None:
     decides: a live process of this host, or any process of another host, keeps the directory."""
     fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     holder = os.read(fd, 256).decode(errors="replace").split()
-    host, pid = (holder[0], int(holder[1])) if len(holder) == 2 and holder[1].isdigit() else (None, None)
+    host, pid = (holder[0],
+                 int(holder[1])) if len(holder) == 2 and holder[1].isdigit() else (None, None)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         in_use = False
@@ -67,12 +71,12 @@ def lock(run: Path) -> None:
         in_use = host is not None and (host != socket.gethostname() or _alive(pid))
     if in_use:
         os.close(fd)
-        raise RunInUse(f"--output_dir {run} is in use by another SPIN run (pid {pid or 'unknown'} on host "
-                       f"{host or 'unknown'}); wait for it to end (then the same command resumes it), or choose "
-                       f"another --output_dir") from None
+        raise RunInUse(f"--output_dir {run} is in use by another SPIN run (pid {pid or 'unknown'} "
+                       f"on host {host or 'unknown'}); wait for it to end (then the same command "
+                       f"resumes it), or choose another --output_dir") from None
     if host is not None and (host, pid) != (socket.gethostname(), os.getpid()):
-        print(f"note: {run / LOCK} named pid {pid} on host {host}, which stopped without releasing it (killed); "
-              f"taken over")
+        print(f"note: {run / LOCK} named pid {pid} on host {host}, which stopped without releasing "
+              f"it (killed); taken over")
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
     os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
@@ -100,7 +104,8 @@ def unlock() -> None:
 
 
 def empty(run: Path) -> None:
-    """Remove everything in the run directory but the lock this process holds (--overwrite_output_dir)."""
+    """Remove everything in the run directory but the lock this process holds
+    (--overwrite_output_dir)."""
     for path in run.iterdir():
         if path.name != LOCK:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -148,7 +153,8 @@ def read_jsonl(path: Path) -> list[dict]:
 # Settings added after runs were made without them: what those runs did.
 ADDED_LATER = {"group_by_length": False,  # random optimizer steps before --group_by_length existed
                "padding_free": False,  # padded rows before --padding_free existed
-               "use_peft": False, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["all-linear"],
+               "use_peft": False, "lora_r": 16, "lora_alpha": 32,
+               "lora_target_modules": ["all-linear"],
                "load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
                "use_bnb_nested_quant": False}  # full fine-tuning before --use_peft existed
 
@@ -159,16 +165,19 @@ def check_config(run: Path, config: dict) -> None:
     for key in sorted(set(recorded) | set(config)):
         if key not in NOT_RESULTS and recorded.get(key) != config.get(key):
             raise ConfigMismatch(
-                f"--output_dir {run} was run with {key}={recorded.get(key)!r}, now {key}={config.get(key)!r}; "
-                f"use the same setting to resume, or pass --overwrite_output_dir to start over")
+                f"--output_dir {run} was run with {key}={recorded.get(key)!r}, now "
+                f"{key}={config.get(key)!r}; use the same setting to resume, or pass "
+                f"--overwrite_output_dir to start over")
 
 
 def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
-    """save_pretrained into a temporary directory, then rename: a model directory is whole or absent."""
+    """save_pretrained into a temporary directory, then rename: a model directory is whole or
+    absent."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    # Inside a process group transformers writes on global rank 0 only; nodes that keep their own run
-    # directory need the model on their disk too, so whoever calls this writes (the callers choose).
+    # Inside a process group transformers writes on global rank 0 only; nodes that keep their own
+    # run directory need the model on their disk too, so whoever calls this writes (the callers
+    # choose).
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
     try:
         model.save_pretrained(tmp, state_dict=state_dict)  # safetensors
@@ -185,7 +194,8 @@ def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
 
 
 def clean(it: Path) -> None:
-    """Remove what a complete iteration no longer needs (also what a kill right after its marker left)."""
+    """Remove what a complete iteration no longer needs (also what a kill right after its marker
+    left)."""
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model.tmp"):
         shutil.rmtree(it / name, ignore_errors=True)
     for path in [*it.glob("generated.rank*.jsonl"), *it.glob("*.jsonl.tmp")]:
@@ -193,8 +203,9 @@ def clean(it: Path) -> None:
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Make the finished directory `tmp` the new `path`: its files fsynced, then two renames, so that
-    there is never a moment without one whole directory on disk (saved_state finds `path`.old)."""
+    """Make the finished directory `tmp` the new `path`: its files fsynced, then two renames, so
+    that there is never a moment without one whole directory on disk (saved_state finds
+    `path`.old)."""
     for file in tmp.rglob("*"):
         if file.is_file():
             with open(file, "rb") as f:
@@ -221,8 +232,8 @@ def save_training_state(path: Path, model, optimizer, scheduler, step: int) -> N
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, None, tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "rng": torch.get_rng_state()}, tmp / "state.pt")
     replace_dir(tmp, path)
 
 
@@ -238,7 +249,8 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> int:
         set_peft_model_state_dict(model, load_file(adapter))
     else:
         model.load_state_dict(load_file(path / "model" / "model.safetensors"), strict=False)
-    state = torch.load(path / "state.pt", weights_only=True)  # tensors and numbers only: nothing unpickled
+    # tensors and numbers only: nothing unpickled
+    state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -251,6 +263,6 @@ def agreed(run: Path, what: str, value):
     seen = distributed.all_gather([value])
     if len(set(seen)) > 1:
         raise RunDirError(f"--output_dir {run}: the nodes' copies differ in whether the run {what} "
-                          f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give every node "
-                          f"the same copy, or one shared directory")
+                          f"({', '.join(f'rank {r}: {v}' for r, v in enumerate(seen))}); give "
+                          f"every node the same copy, or one shared directory")
     return value

@@ -34,84 +34,22 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a JSON object like "
+                                         f"'{{\"enable_thinking\": false}}', got {text!r}")
     return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description="SPIN, Self-Play Fine-Tuning (arXiv 2401.01335): Algorithm 1, all iterations")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--config", metavar="FILE", help="YAML or JSON of flag names and values (a run's config.json "
-                   "too); flags given on the command line override it")
-    g.add_argument("--model", "--model_name_or_path", default="toy", help=f"recipe ({', '.join(RECIPES)}), model "
-                   "directory or hub id")
-    g.add_argument("--dataset", "--dataset_name", help="'toy', 'chitchat', a local .jsonl/.json/.parquet file, or a "
-                   "hub data set name")
-    g.add_argument("--dataset_split", "--dataset_train_split", help="split of a hub data set (default: train)")
-    g.add_argument("--dataset_config", help="configuration (subset) of a hub data set, as load_dataset's second argument")
-    g.add_argument("--gguf_file", help="a GGUF file in the --model directory or hub repository (dequantized once)")
-    g.add_argument("--model_revision", help="hub commit, branch or tag of --model (zephyr recipe: the paper's)")
-    g.add_argument("--dataset_revision", help="hub commit, branch or tag of --dataset and a same-named --eval_dataset")
-    g.add_argument("--max_samples", type=int, help="number of prompts, sampled with --seed (default: all)")
-    g.add_argument("--turn", choices=["first", "last"], default="first",
-                   help="which assistant reply of a conversation is the human response (paper: first)")
-    g.add_argument("--system_prompt", help="insert a system turn with this text (\"\" for an empty one) before "
-                   "conversations that have none (recipe zephyr-7b-sft-full: \"\", as alignment-handbook trained it)")
-    g.add_argument("--chat_template_kwargs", type=json_object, metavar="JSON",
-                   help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)")
-    g.add_argument("--output_dir", help="the run directory (default: runs/<recipe or model name>)")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an existing run directory instead of resuming it")
-    g.add_argument("--save_steps", type=int, default=500, help="save the training state every N optimizer steps")
-    g.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with a hub model")
-    g = p.add_argument_group("SPIN")
-    g.add_argument("--iters", type=int, help="self-play iterations T (paper: 4)")
-    g.add_argument("--beta", type=float, help="λ in the paper: the regularization of Eq. 4.7 (paper: 0.1)")
-    g.add_argument("--loss_type", choices=["logistic", "sigmoid", "hinge"], default="logistic",
-                   help="ℓ in Eq. 4.7 (sigmoid: TRL's name for logistic)")
-    g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
-                   help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
-    g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
-                   help="each optimizer step takes pairs of similar length (batching.grouped_by_length): less padding "
-                   "where --padding_free cannot pack; default: off (random steps, as the paper's)")
-    g.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack each forward's sequences into rows without padding (batching.pack; models in "
-                   "logps.PADDING_FREE_MODELS, any attention implementation); default: on, except in the toy recipe")
-    g.add_argument("--fast_logps", action=argparse.BooleanOptionalAction, default=None,
-                   help="log p(y|x) through the fast path (machinery/logps.py: the LM head on response positions "
-                   "only, fused with the log-softmax, packed rows); --no-fast_logps: loss.sequence_logps on the "
-                   "model's logits of padded rows, the code a reader reads; default: on, except in the toy recipe")
-    g = p.add_argument_group("generation (the opponent's samples)")
-    g.add_argument("--max_new_tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top_p", type=float)
-    g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    g.add_argument("--generation_batch_size", type=int)
-    g = p.add_argument_group("optimization (Hugging Face names)")
-    g.add_argument("--learning_rate", type=float, nargs="+", help="one per iteration; the last one repeats")
-    g.add_argument("--num_train_epochs", type=int)
-    g.add_argument("--per_device_train_batch_size", type=int, help="pairs per forward pass")
-    g.add_argument("--gradient_accumulation_steps", type=int)
-    g.add_argument("--global_batch_size", type=int, help="pairs per optimizer step over all GPUs; sets "
-                   "--gradient_accumulation_steps when that is not given (recipe: 64, the paper's)")
-    g.add_argument("--warmup_ratio", type=float)
-    g.add_argument("--max_grad_norm", type=float)
-    g.add_argument("--max_length", type=int, help="prompt + response tokens")
-    g.add_argument("--max_prompt_length", type=int, help="prompt tokens, cut from the left")
-    g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("scale")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
-    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
-    g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run "
-                   "ends bit for bit as an uninterrupted one on GPUs too, at a cost in speed (CPU runs are always)")
-    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p = ArgumentParser(description="SPIN, Self-Play Fine-Tuning (arXiv 2401.01335): Algorithm 1, "
+                                   "all iterations")
+    add_data_flags(p)
+    add_training_flags(p)
     add_peft_flags(p)
     add_reporting_flags(p)
     p.set_defaults(**config_file(p, argv))
     args = p.parse_args(argv)
-    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name in config.json
+    # one name in config.json
+    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type
     args.report_to = trackers(args.report_to)
     from_accelerate_launch(args)
     apply_recipe(args)
@@ -119,17 +57,117 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON of flag names and values (a run's config.json too); flags "
+                        "given on the command line override it")
+    g.add_argument("--model", "--model_name_or_path", default="toy",
+                   help=f"recipe ({', '.join(RECIPES)}), model directory or hub id")
+    g.add_argument("--dataset", "--dataset_name",
+                   help="'toy', 'chitchat', a local .jsonl/.json/.parquet file, or a hub data set "
+                        "name")
+    g.add_argument("--dataset_split", "--dataset_train_split",
+                   help="split of a hub data set (default: train)")
+    g.add_argument("--dataset_config", help="configuration (subset) of a hub data set, as "
+                                            "load_dataset's second argument")
+    g.add_argument("--gguf_file", help="a GGUF file in the --model directory or hub repository "
+                                       "(dequantized once)")
+    g.add_argument("--model_revision", help="hub commit, branch or tag of --model (zephyr recipe: "
+                                            "the paper's)")
+    g.add_argument("--dataset_revision", help="hub commit, branch or tag of --dataset and a "
+                                              "same-named --eval_dataset")
+    g.add_argument("--max_samples", type=int,
+                   help="number of prompts, sampled with --seed (default: all)")
+    g.add_argument("--turn", choices=["first", "last"], default="first",
+                   help="which assistant reply of a conversation is the human response (paper: "
+                        "first)")
+    g.add_argument("--system_prompt", help="insert a system turn with this text (\"\" for an empty "
+                                           "one) before conversations that have none (recipe "
+                                           "zephyr-7b-sft-full: \"\", as alignment-handbook "
+                                           "trained it)")
+    g.add_argument("--chat_template_kwargs", type=json_object, metavar="JSON",
+                   help="keyword arguments for the chat template, e.g. '{\"enable_thinking\": "
+                        "false}' (Qwen3)")
+    g.add_argument("--output_dir", help="the run directory (default: runs/<recipe or model name>)")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an existing run directory instead of resuming it")
+    g.add_argument("--save_steps", type=int, default=500,
+                   help="save the training state every N optimizer steps")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="run Python code shipped with a hub model")
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SPIN")
+    g.add_argument("--iters", type=int, help="self-play iterations T (paper: 4)")
+    g.add_argument("--beta", type=float, help="λ in the paper: the regularization of Eq. 4.7 "
+                                              "(paper: 0.1)")
+    g.add_argument("--loss_type", choices=["logistic", "sigmoid", "hinge"], default="logistic",
+                   help="ℓ in Eq. 4.7 (sigmoid: TRL's name for logistic)")
+    g.add_argument("--mix_previous_iteration", action=argparse.BooleanOptionalAction, default=True,
+                   help="iteration t ≥ 1 also trains on the pairs generated at t−1 (paper: yes)")
+    g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
+                   help="each optimizer step takes pairs of similar length "
+                        "(batching.grouped_by_length): less padding where --padding_free cannot "
+                        "pack; default: off (random steps, as the paper's)")
+    g.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack each forward's sequences into rows without padding (batching.pack; "
+                        "models in logps.PADDING_FREE_MODELS, any attention implementation); "
+                        "default: on, except in the toy recipe")
+    g.add_argument("--fast_logps", action=argparse.BooleanOptionalAction, default=None,
+                   help="log p(y|x) through the fast path (machinery/logps.py: the LM head on "
+                        "response positions only, fused with the log-softmax, packed rows); "
+                        "--no-fast_logps: loss.sequence_logps on the model's logits of padded "
+                        "rows, the code a reader reads; default: on, except in the toy recipe")
+    g = p.add_argument_group("generation (the opponent's samples)")
+    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top_p", type=float)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    g.add_argument("--generation_batch_size", type=int)
+    g = p.add_argument_group("optimization (Hugging Face names)")
+    g.add_argument("--learning_rate", type=float, nargs="+",
+                   help="one per iteration; the last one repeats")
+    g.add_argument("--num_train_epochs", type=int)
+    g.add_argument("--per_device_train_batch_size", type=int, help="pairs per forward pass")
+    g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--global_batch_size", type=int,
+                   help="pairs per optimizer step over all GPUs; sets "
+                        "--gradient_accumulation_steps when that is not given (recipe: 64, the "
+                        "paper's)")
+    g.add_argument("--warmup_ratio", type=float)
+    g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--max_length", type=int, help="prompt + response tokens")
+    g.add_argument("--max_prompt_length", type=int, help="prompt tokens, cut from the left")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("scale")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attn_implementation", help="eager, sdpa or flash_attention_2")
+    g.add_argument("--deepspeed", help="a DeepSpeed config, e.g. configs/ds_zero3.json (ZeRO-3)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels: a resumed run ends bit for bit as an "
+                        "uninterrupted one on GPUs too, at a cost in speed (CPU runs are always)")
+    # the deepspeed launcher adds it
+    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def add_peft_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("low-rank adapters (TRL's ModelConfig names; machinery/adapters.py)")
-    g.add_argument("--use_peft", action=argparse.BooleanOptionalAction, default=None, help="train LoRA "
-                   "adapters on a frozen base instead of every weight; θ_t is the base plus iteration t's "
-                   "adapter, carried to the next")
+    g.add_argument("--use_peft", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters on a frozen base instead of every weight; θ_t is the "
+                        "base plus iteration t's adapter, carried to the next")
     g.add_argument("--lora_r", type=int, help="the adapters' rank (default 16)")
-    g.add_argument("--lora_alpha", type=int, help="the adapters' scale is lora_alpha / lora_r (default 32)")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="accepted for TRL's scripts; SPIN turns "
-                   "every dropout off (the first loss must be log 2), this one included")
+    g.add_argument("--lora_alpha", type=int, help="the adapters' scale is lora_alpha / lora_r "
+                                                  "(default 32)")
+    g.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="accepted for TRL's scripts; SPIN turns every dropout off (the first loss "
+                        "must be log 2), this one included")
     g.add_argument("--lora_target_modules", nargs="+",
-                   help="module names the adapters wrap (default: all-linear, every linear layer but the head)")
+                   help="module names the adapters wrap (default: all-linear, every linear layer "
+                        "but the head)")
     g.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA: the frozen base in 4 bits (bitsandbytes); needs --use_peft")
     g.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=None,
@@ -141,23 +179,33 @@ def add_peft_flags(p: argparse.ArgumentParser) -> None:
 
 def add_reporting_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and logging (evaluation.py, report.py, plot.py)")
-    g.add_argument("--eval_dataset", help="held-out prompts: a data set like --dataset (default: the toy's test "
-                   "split; otherwise --eval_samples rows, at most a tenth, taken out of --dataset)")
+    g.add_argument("--eval_dataset", help="held-out prompts: a data set like --dataset (default: "
+                                          "the toy's test split; otherwise --eval_samples rows, at "
+                                          "most a tenth, taken out of --dataset)")
     g.add_argument("--eval_split", help="split of --eval_dataset (default: test)")
-    g.add_argument("--eval_samples", type=int, help="held-out prompts evaluated after every iteration; 0: none")
+    g.add_argument("--eval_samples", type=int,
+                   help="held-out prompts evaluated after every iteration; 0: none")
     g.add_argument("--eval_tasks", type=lambda s: [t for t in s.split(",") if t],
-                   help="lm-evaluation-harness tasks run on every model, comma-separated (pip install lm_eval)")
-    g.add_argument("--eval_limit", type=int, help="at most this many examples per --eval_tasks task")
-    g.add_argument("--eval_include_path", help="a directory of lm-eval task YAML files (evals/ is always included)")
+                   help="lm-evaluation-harness tasks run on every model, comma-separated (pip "
+                        "install lm_eval)")
+    g.add_argument("--eval_limit", type=int, help="at most this many examples per --eval_tasks "
+                                                  "task")
+    g.add_argument("--eval_include_path", help="a directory of lm-eval task YAML files (evals/ is "
+                                               "always included)")
     g.add_argument("--report_to", nargs="+", choices=["none", "all", *TRACKERS], default=["none"],
-                   help="also log every step's and evaluation's numbers to these, on one step axis (report.py): "
-                   "tensorboard (<output_dir>/tensorboard), wandb (WANDB_MODE=offline: files in <output_dir>/wandb), "
-                   "trackio (a local database in TRACKIO_DIR); several at once, or all")
-    g.add_argument("--push_to_hub", action="store_true", help="upload every iteration's model, card and the run's "
-                   "plot to --hub_model_id when the iteration completes (hub.py); checked before any work")
-    g.add_argument("--hub_model_id", help="the Hub repository for --push_to_hub (default: the --output_dir name)")
-    g.add_argument("--hub_private_repo", action="store_true", help="create the --hub_model_id repository private")
-    g.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/spin.png from a run directory, then exit")
+                   help="also log every step's and evaluation's numbers to these, on one step axis "
+                        "(report.py): tensorboard (<output_dir>/tensorboard), wandb "
+                        "(WANDB_MODE=offline: files in <output_dir>/wandb), trackio (a local "
+                        "database in TRACKIO_DIR); several at once, or all")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="upload every iteration's model, card and the run's plot to --hub_model_id "
+                        "when the iteration completes (hub.py); checked before any work")
+    g.add_argument("--hub_model_id", help="the Hub repository for --push_to_hub (default: the "
+                                          "--output_dir name)")
+    g.add_argument("--hub_private_repo", action="store_true",
+                   help="create the --hub_model_id repository private")
+    g.add_argument("--plot", metavar="RUN_DIR",
+                   help="only redraw RUN_DIR/spin.png from a run directory, then exit")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -166,7 +214,8 @@ def trackers(names) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)  # a config file may give one name
     unknown = [n for n in names if n not in ("none", "all", *TRACKERS)]
     if unknown:
-        raise UsageError(f"--report_to: unknown tracker {unknown[0]!r} (choose from {', '.join(TRACKERS)}, all, none)")
+        raise UsageError(f"--report_to: unknown tracker {unknown[0]!r} (choose from "
+                         f"{', '.join(TRACKERS)}, all, none)")
     return [t for t in TRACKERS if t in names or "all" in names]
 
 
@@ -185,8 +234,9 @@ def run_config(args) -> dict:
 
 
 def run_main(main, argv=None) -> int:
-    """main(argv) as a command: bad input turned into one line on stderr and exit status 2, a diverged
-    run into status 1, a run stopped by a signal with its state saved into EXIT_RESUMABLE (75)."""
+    """main(argv) as a command: bad input turned into one line on stderr and exit status 2, a
+    diverged run into status 1, a run stopped by a signal with its state saved into
+    EXIT_RESUMABLE (75)."""
     from machinery import checkpoint, preemption
     from machinery.adapters import AdapterError
     from machinery.models import ModelError
@@ -207,7 +257,8 @@ def run_main(main, argv=None) -> int:
             print(e, file=sys.stderr)
         return preemption.EXIT_RESUMABLE
     finally:
-        checkpoint.unlock()  # for callers in the same process (tests); a process's exit releases it anyway
+        # for callers in the same process (tests); a process's exit releases it anyway
+        checkpoint.unlock()
         preemption.reset()
     return 0
 
@@ -230,24 +281,29 @@ def config_file(parser: argparse.ArgumentParser, argv) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     actions = {name.lstrip("-"): a for a in parser._actions if a.dest not in ("help", "config")
-               for name in a.option_strings if not name.startswith("--no-")}  # aliases too (model_name_or_path)
+               # aliases too (model_name_or_path)
+               for name in a.option_strings if not name.startswith("--no-")}
     given, values = values, {}
     for key in given.keys() - DERIVED:
         if key not in actions:
-            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. learning_rate)")
+            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. "
+                             f"learning_rate)")
         action, value = actions[key], given[key]
         key = action.dest
         if action.nargs in ("+", "*") and not isinstance(value, list):
             value = [value]  # learning_rate: 5e-7, one value for every iteration
         convert = action.type or (lambda v: v)
         try:  # strings as the command line would give them ("5e-7" is a string in YAML)
-            values[key] = [convert(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else \
+            values[key] = [convert(v) if isinstance(v, str) else v
+                           for v in value] if isinstance(value, list) else \
                 convert(value) if isinstance(value, str) else value
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise UsageError(f"--config {path}: {key}: {e}") from None
-        chosen = values[key] if isinstance(values[key], list) else [values[key]]  # report_to: a list, maybe empty
+        # report_to: a list, maybe empty
+        chosen = values[key] if isinstance(values[key], list) else [values[key]]
         if action.choices and any(v not in action.choices for v in chosen):
-            raise UsageError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, got {value!r}")
+            raise UsageError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, "
+                             f"got {value!r}")
     return values
 
 
@@ -255,18 +311,22 @@ def apply_recipe(args) -> None:
     """Every flag not given takes the recipe's value (--model NAME), else the default."""
     recipe = RECIPES.get(args.model, {})
     accumulation_given = args.gradient_accumulation_steps is not None
-    if args.attn_implementation is None and recipe.get("attn_implementation") == "flash_attention_2" \
-            and not flash_attention_available():
-        args.attn_implementation = "sdpa"  # the recipe's choice where it can run; asked for by name, it is refused
+    wants_flash = recipe.get("attn_implementation") == "flash_attention_2"
+    if args.attn_implementation is None and wants_flash and not flash_attention_available():
+        # the recipe's choice where it can run; asked for by name, it is refused
+        args.attn_implementation = "sdpa"
     for key, value in {**DEFAULTS, **recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.recipe = args.model if recipe else None
     args.model = recipe.get("model", args.model)
-    args.output_dir = args.output_dir or os.path.join("runs", args.recipe or Path(args.model).name or "model")
+    args.output_dir = args.output_dir or os.path.join("runs", args.recipe or Path(args.model).name
+                                                      or "model")
     args.rank, args.world_size = distributed.world()
-    if args.global_batch_size and not accumulation_given:  # the paper's 64 pairs, on any number of GPUs
-        args.gradient_accumulation_steps = max(1, args.global_batch_size // (args.per_device_train_batch_size
+    # the paper's 64 pairs, on any number of GPUs
+    if args.global_batch_size and not accumulation_given:
+        args.gradient_accumulation_steps = max(1, args.global_batch_size
+                                               // (args.per_device_train_batch_size
                                                                               * args.world_size))
 
 
@@ -277,9 +337,10 @@ def flash_attention_available() -> bool:
 
 
 def from_accelerate_launch(args) -> None:
-    """`accelerate launch --config_file CONFIG spin.py ...` (how alignment-handbook and the official SPIN
-    code launch): its DeepSpeed settings stand for --deepspeed and its bf16 for --bf16, unless given.
-    Accelerate passes them in the environment; this project runs its own ZeRO-3 loop with them."""
+    """`accelerate launch --config_file CONFIG spin.py ...` (how alignment-handbook and the
+    official SPIN code launch): its DeepSpeed settings stand for --deepspeed and its bf16 for
+    --bf16, unless given. Accelerate passes them in the environment; this project runs its own
+    ZeRO-3 loop with them."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         return
     if args.bf16 is None and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
@@ -291,8 +352,9 @@ def from_accelerate_launch(args) -> None:
         elif stage == "3":
             args.deepspeed = str(Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json")
         else:
-            raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe trains with ZeRO-3; "
-                             f"set zero_stage: 3 or deepspeed_config_file in the accelerate config, or pass --deepspeed")
+            raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe "
+                             f"trains with ZeRO-3; set zero_stage: 3 or deepspeed_config_file in "
+                             f"the accelerate config, or pass --deepspeed")
 
 
 def validate(args) -> None:
@@ -306,8 +368,8 @@ def validate(args) -> None:
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (not args.global_batch_size or args.global_batch_size == pairs_per_step(args),
          f"--global_batch_size {args.global_batch_size} is not --per_device_train_batch_size "
-         f"{args.per_device_train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} × "
-         f"{args.world_size} processes"),
+         f"{args.per_device_train_batch_size} × --gradient_accumulation_steps "
+         f"{args.gradient_accumulation_steps} × {args.world_size} processes"),
         (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
         (args.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
@@ -321,13 +383,17 @@ def validate(args) -> None:
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.eval_samples >= 0, "--eval_samples must be 0 (no held-out evaluation) or more"),
         (args.eval_limit is None or args.eval_limit >= 1, "--eval_limit must be at least 1"),
-        (args.eval_tasks is None or len(args.eval_tasks) > 0, "--eval_tasks needs at least one task name"),
+        (args.eval_tasks is None or len(args.eval_tasks) > 0,
+         "--eval_tasks needs at least one task name"),
         (args.eval_include_path is None or Path(args.eval_include_path).is_dir(),
          f"--eval_include_path {args.eval_include_path}: no such directory"),
-        (args.dataset is not None, f"--dataset is required with --model {args.model} (not a recipe)"),
-        (args.deepspeed is None or Path(args.deepspeed).is_file(), f"--deepspeed {args.deepspeed}: no such file"),
-        (args.world_size == 1 or args.deepspeed, f"{args.world_size} processes were launched without --deepspeed; "
-         f"pass --deepspeed configs/ds_zero3.json"),
+        (args.dataset is not None, f"--dataset is required with --model {args.model} (not a "
+                                   f"recipe)"),
+        (args.deepspeed is None or Path(args.deepspeed).is_file(),
+         f"--deepspeed {args.deepspeed}: no such file"),
+        (args.world_size == 1 or args.deepspeed, f"{args.world_size} processes were launched "
+                                                 f"without --deepspeed; pass --deepspeed "
+                                                 f"configs/ds_zero3.json"),
         (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
          "--attn_implementation must be eager, sdpa or flash_attention_2"),
     ]
@@ -339,13 +405,16 @@ def validate(args) -> None:
     for flag, given, package in (("--eval_tasks", args.eval_tasks, "lm_eval"),
                                  *((f"--report_to {t}", t in args.report_to, t) for t in TRACKERS)):
         if given and importlib.util.find_spec(package) is None:
-            raise UsageError(f"{flag} needs the {package} package: pip install -r requirements-eval.txt")
+            raise UsageError(f"{flag} needs the {package} package: pip install -r "
+                             f"requirements-eval.txt")
     if args.attn_implementation == "flash_attention_2":
-        if not args.bf16:  # flash-attn kernels take fp16/bf16 only; transformers passes float32 on unchanged
-            raise UsageError("--attn_implementation flash_attention_2 needs --bf16 (FlashAttention-2 has no "
-                             "float32 kernels); or use sdpa")
+        # flash-attn kernels take fp16/bf16 only; transformers passes float32 on unchanged
+        if not args.bf16:
+            raise UsageError("--attn_implementation flash_attention_2 needs --bf16 "
+                             "(FlashAttention-2 has no float32 kernels); or use sdpa")
         if not torch.cuda.is_available():
-            raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+            raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa "
+                             "on this machine")
         if importlib.util.find_spec("flash_attn") is None:
             raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation); or use sdpa")
@@ -360,18 +429,23 @@ def check_adapters(args) -> None:
 
     quantized = args.load_in_4bit or args.load_in_8bit
     checks = [
-        (not quantized or args.use_peft, f"--load_in_{4 if args.load_in_4bit else 8}bit needs --use_peft: "
-         f"a quantized base is frozen, only adapters train"),
-        (not (args.load_in_4bit and args.load_in_8bit), "--load_in_4bit and --load_in_8bit: choose one"),
+        (not quantized or args.use_peft, f"--load_in_{4 if args.load_in_4bit else 8}bit needs "
+                                         f"--use_peft: a quantized base is frozen, only adapters "
+                                         f"train"),
+        (not (args.load_in_4bit and args.load_in_8bit),
+         "--load_in_4bit and --load_in_8bit: choose one"),
         (args.lora_r >= 1, "--lora_r must be at least 1"),
-        # Measured with bitsandbytes 0.50.2 on a CPU (2026-11-30): after one step, the adapters whose
-        # gradient passes through a frozen 4-bit layer (gate, up, v) had not moved; torch warns that
-        # its gemv_4bit op has no autograd kernel. Training there would silently be wrong.
-        (not (quantized and not torch.cuda.is_available()), "--load_in_4bit/--load_in_8bit on a CPU: "
-         "bitsandbytes' CPU kernels pass no gradient through the frozen quantized layers, so most "
-         "adapters would not learn; QLoRA needs a CUDA GPU"),
-        (not (args.use_peft and args.deepspeed), "--use_peft with --deepspeed is not supported yet: adapters "
-         "train on one process (docs/scaling.md, one GPU)"),
+        # Measured with bitsandbytes 0.50.2 on a CPU (2026-11-30): after one step, the adapters
+        # whose gradient passes through a frozen 4-bit layer (gate, up, v) had not moved; torch
+        # warns that its gemv_4bit op has no autograd kernel. Training there would silently be
+        # wrong.
+        (not (quantized and not torch.cuda.is_available()),
+         "--load_in_4bit/--load_in_8bit on a CPU: bitsandbytes' CPU kernels pass no gradient "
+         "through the frozen quantized layers, so most adapters would not learn; QLoRA needs a "
+         "CUDA GPU"),
+        (not (args.use_peft and args.deepspeed), "--use_peft with --deepspeed is not supported "
+                                                 "yet: adapters train on one process "
+                                                 "(docs/scaling.md, one GPU)"),
         (not args.use_peft or importlib.util.find_spec("peft") is not None,
          "--use_peft needs the peft package: pip install -r requirements.txt"),
         (not quantized or importlib.util.find_spec("bitsandbytes") is not None,
@@ -383,17 +457,20 @@ def check_adapters(args) -> None:
 
 
 def check_deepspeed_precision(args) -> None:
-    """A --deepspeed config that fixes its precision must agree with --bf16 (the one switch): else the
-    engine would keep weights in one dtype while autocast and the opponent copy use another."""
+    """A --deepspeed config that fixes its precision must agree with --bf16 (the one switch):
+    else the engine would keep weights in one dtype while autocast and the opponent copy use
+    another."""
     try:
         config = json.loads(Path(args.deepspeed).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--deepspeed {args.deepspeed}: not a readable JSON file ({e})") from None
     if config.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise UsageError(f"--deepspeed {args.deepspeed}: fp16 is enabled; SPIN trains in bf16 (--bf16) or float32: "
-                         f"set \"fp16\": {{\"enabled\": false}}")
+        raise UsageError(f"--deepspeed {args.deepspeed}: fp16 is enabled; SPIN trains in bf16 "
+                         f"(--bf16) or float32: set \"fp16\": {{\"enabled\": false}}")
     bf16 = config.get("bf16", {}).get("enabled", "auto")
     if bf16 != "auto" and bool(bf16) != bool(args.bf16):
-        raise UsageError(f"--deepspeed {args.deepspeed} sets bf16 enabled={str(bool(bf16)).lower()} but --bf16 is "
-                         f"{'on' if args.bf16 else 'off'}: pass {'--bf16' if bf16 else '--no-bf16'}, or set "
-                         f"\"enabled\": \"auto\" in the config")
+        raise UsageError(f"--deepspeed {args.deepspeed} sets bf16 "
+                         f"enabled={str(bool(bf16)).lower()} but --bf16 is "
+                         f"{'on' if args.bf16 else 'off'}: pass "
+                         f"{'--bf16' if bf16 else '--no-bf16'}, or set \"enabled\": \"auto\" in "
+                         f"the config")

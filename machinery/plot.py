@@ -14,8 +14,8 @@ from machinery import checkpoint
 
 
 def panels(run: Path) -> dict[str, dict]:
-    """The data of every panel: {title: {"x": axis label, "series": {name: (xs, ys)}, "starts": [...]}}.
-    Panels without data (no held-out set, not the toy, no lm-eval) are left out."""
+    """The data of every panel: {title: {"x": axis label, "series": {name: (xs, ys)}, "starts":
+    [...]}}. Panels without data (no held-out set, not the toy, no lm-eval) are left out."""
     steps, starts = [], []
     t = 0
     while (run / f"iter{t}" / "metrics.jsonl").exists():
@@ -40,12 +40,15 @@ def panels(run: Path) -> dict[str, dict]:
     step_axis, model_axis = "optimizer step (whole run)", "model θ_s (0 = start)"
     out = {
         "SPIN loss (training)": {"x": step_axis, "series": per_step("loss"), "starts": starts},
-        "rewards λ·log p_θ/p_θt (training)": {"x": step_axis, "series": per_step("real_reward", "generated_reward"),
+        "rewards λ·log p_θ/p_θt (training)": {"x": step_axis,
+                                              "series": per_step("real_reward", "generated_reward"),
                                               "starts": starts},
         "margin (training)": {"x": step_axis, "series": per_step("margin"), "starts": starts},
         "held-out SPIN (θ_s against θ_s−1)": {"x": model_axis,
-                                              "series": per_model("eval_loss", "eval_margin", "eval_reward_accuracy")},
-        "held-out log p(y|x) per token": {"x": model_axis, "series": per_model("eval_real_logp_per_token")},
+                                              "series": per_model("eval_loss", "eval_margin",
+                                                                  "eval_reward_accuracy")},
+        "held-out log p(y|x) per token": {"x": model_axis,
+                                          "series": per_model("eval_real_logp_per_token")},
         "task metrics": {"x": model_axis, "series": per_model(
             "accuracy", "tv_distance", *sorted({k for r in rows for k in r if "/" in k}))},
     }

