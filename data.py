@@ -217,10 +217,16 @@ def _normalize(i: int, record, turn: str) -> dict:
     return {"id": i, "messages": context, "response": response}  # id: the row's place in the source
 
 
+def cut_prompt(prompt_ids: list[int], max_prompt_length: int) -> list[int]:
+    """A prompt cut to --max_prompt_length from the left: its end, the assistant header the reply
+    follows, is kept. The one place a prompt is cut (training, scoring, sampling, held-out)."""
+    return prompt_ids[-max_prompt_length:]
+
+
 def build_sequence(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int,
                    max_length: int) -> dict:
     """input_ids = prompt + response; labels: IGNORE_INDEX on the prompt, the response ids on it."""
-    prompt_ids = prompt_ids[-max_prompt_length:]  # from the left: keep the assistant header
+    prompt_ids = cut_prompt(prompt_ids, max_prompt_length)
     response_ids = response_ids[: max_length - len(prompt_ids)]  # a cut response loses its EOS
     return {"input_ids": prompt_ids + response_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}

@@ -15,6 +15,7 @@ max_new_tokens limit.
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -47,12 +48,28 @@ def ignored_generation_settings(model) -> dict:
     return {k: own[k] for k in SAMPLING if own.get(k) is not None}
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How y' is drawn from p_θt: a run's --max_new_tokens, --greedy (do_sample=False),
+    --temperature, --top_p, --generation_batch_size and --bf16 (Sampling.of_run)."""
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    bf16: bool = False  # under bf16 autocast, as training computes (FlashAttention-2 has no fp32)
+
+    @classmethod
+    def of_run(cls, args) -> "Sampling":
+        """How every part of a run samples: the training pairs, held-out, the report's showcase."""
+        return cls(args.max_new_tokens, not args.greedy, args.temperature, args.top_p,
+                   args.generation_batch_size, bool(args.bf16))
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256,
-             do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-             batch_size: int = 64, seed: int = 0, progress: bool = False,
-             done: dict[int, dict] | None = None, on_batch=None, stop: list[int] | None = None,
-             should_stop=None, bf16: bool = False) -> list[dict]:
+def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling = Sampling(),
+             seed: int = 0, progress: bool = False, done: dict[int, dict] | None = None,
+             on_batch=None, stop: list[int] | None = None, should_stop=None) -> list[dict]:
     """Returns, in the order of `prompts`, {"generated_ids", "text", "ended"} for each prompt.
 
     stop: the ids that end a reply (default: stop_ids(model, tokenizer)). A reply that ends keeps
@@ -61,7 +78,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     prompts are all done is skipped, any other batch is sampled again with its own seed, which
     gives the same tokens. on_batch(indices, results) is called after each sampled batch.
     should_stop(): checked before each batch; when true, the prompts not sampled yet get {}.
-    bf16: sample under bf16 autocast, as training computes (FlashAttention-2 has no float32).
     """
     from transformers import GenerationConfig
 
@@ -71,23 +87,24 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # top_k=0: transformers' own default (50) would cut the distribution. Every other field that
     # shapes sampling is neutral because the model's generation_config is set aside (sample_batch).
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              eos_token_id=sorted(stop), pad_token_id=pad, **sampling)
+    s = sampling
+    drawn = dict(temperature=s.temperature, top_p=s.top_p, top_k=0) if s.do_sample else {}
+    config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                              eos_token_id=sorted(stop), pad_token_id=pad, **drawn)
     # Prompts of similar length share a batch: less padding. The order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results: list[dict] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt",
                disable=None if progress else True)  # None: off when stderr is not a terminal
-    for number, start in enumerate(range(0, len(order), batch_size)):
-        batch = order[start:start + batch_size]
+    for number, start in enumerate(range(0, len(order), s.batch_size)):
+        batch = order[start:start + s.batch_size]
         if should_stop and should_stop():
             break
         if all(i in done for i in batch):  # sampled before a stop: kept
             fresh = [done[i] for i in batch]
         else:
             torch.manual_seed(data.seed(seed, "batch", 0, batch=number))  # a rerun repeats a batch
-            replies = sample_batch(model, [prompts[i] for i in batch], config, bf16)
+            replies = sample_batch(model, [prompts[i] for i in batch], config, s.bf16)
             fresh = [ended_reply(new, stop, tokenizer) for new in replies]
             if on_batch:
                 on_batch(batch, fresh)
@@ -163,12 +180,14 @@ def main(argv=None) -> None:
         tokenizer, model = models.load_model(args.model)
         chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs,
                                f"--model {args.model}")
-        prompts = [chat.prompt_ids(r["messages"])[-args.max_prompt_length:] for r in rows]
+        prompts = [data.cut_prompt(chat.prompt_ids(r["messages"]), args.max_prompt_length)
+                   for r in rows]
     except (data.DataError, models.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    results = generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy,
-                       args.temperature, args.top_p, args.batch_size, args.seed, progress=True,
+    sampling = Sampling(args.max_new_tokens, not args.greedy, args.temperature, args.top_p,
+                        args.batch_size)
+    results = generate(model, tokenizer, prompts, sampling, args.seed, progress=True,
                        stop=stop_ids(model, tokenizer, chat.end_of_turn))
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -171,10 +171,10 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, run: Ru
     shard = distributed.shard(len(run_data.rows), args)  # this rank's prompts
     done, keep = run.sampled(t, [run_data.rows[i]["id"] for i in shard])
     seed = data.seed(args.seed, "samples", t, args.rank)
-    samples = gen.generate(model, tokenizer, [run_data.prompts[i] for i in shard],
-                           args.max_new_tokens, not args.greedy, args.temperature, args.top_p,
-                           args.generation_batch_size, seed, not distributed.bars_off(args), done,
-                           keep, run_data.stop, preemption.requested, args.bf16)
+    prompts = [run_data.prompts[i] for i in shard]
+    samples = gen.generate(model, tokenizer, prompts, gen.Sampling.of_run(args), seed,
+                           not distributed.bars_off(args), done, keep, run_data.stop,
+                           preemption.requested)
     preemption.stop_if_requested(f"while sampling iteration {t}'s responses (the sampled are kept)")
     pairs = [data.spin_pair(run_data.rows[i], run_data.prompts[i], run_data.real_ids[i], sample, t)
              for i, sample in zip(shard, samples)]

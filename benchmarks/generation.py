@@ -6,22 +6,20 @@ generate.generate sorts prompts by length, so each batch pads to a similar lengt
 in the prefill and in every decoding step's attention. Both stop a batch once every row has
 ended (model.generate does that by itself).
 
-    python benchmarks/generation.py            # 128 prompts of 16-512 tokens, batch 16, 32 new tokens
-    python benchmarks/generation.py --quick    # tiny sizes: what CI runs
+    python -m benchmarks.generation          # 128 prompts of 16-512 tokens, batch 16, 32 new tokens
+    python -m benchmarks.generation --quick    # tiny sizes: what CI runs
 """
 import argparse
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import generate  # noqa: E402
-import toy  # noqa: E402
+import generate
+import toy
 
 FULL = dict(hidden=256, layers=4, vocab=32000, prompts=128, lengths=(16, 512), batch=16, new=32)
 QUICK = dict(hidden=32, layers=2, vocab=1000, prompts=12, lengths=(2, 40), batch=4, new=4)
@@ -81,9 +79,9 @@ def main(argv=None) -> None:
         for name in runs:  # interleaved
             started = time.perf_counter()
             if name == "generate.py":
-                result = [r["generated_ids"] for r in generate.generate(
-                    model, tokenizer, prompts, sizes["new"], do_sample=False,
-                    batch_size=sizes["batch"])]
+                greedy = generate.Sampling(sizes["new"], do_sample=False, batch_size=sizes["batch"])
+                result = [r["generated_ids"]
+                          for r in generate.generate(model, tokenizer, prompts, greedy)]
             else:
                 result = data_set_order(model, tokenizer, prompts, sizes["new"], sizes["batch"])
             runs[name].append(time.perf_counter() - started)

@@ -7,8 +7,8 @@ the opponent pass (spin.opponent_logps) and training (spin.train), first plain P
 weights under bf16 autocast), then --deepspeed configs/ds_zero3.json on the same GPU (bf16 weights,
 float32 masters): both in bf16, the recipe's way on each path.
 
-    python benchmarks/gpu.py            # one H100/H200: ~1B parameters, 256 prompts, 256 new tokens (a few minutes)
-    python benchmarks/gpu.py --tiny     # CPU, a tiny model, 16 prompts (CI runs it with --prompts 8)
+    python -m benchmarks.gpu           # one H100/H200: ~1B parameters, 256 prompts, 256 new tokens
+    python -m benchmarks.gpu --tiny    # CPU, a tiny model, 16 prompts (CI: --prompts 8)
 
 Prints per phase: tokens/s, seconds, peak GPU memory (torch.cuda.max_memory_allocated, reset before
 each phase); for training also MFU = F · non-embedding parameters · trained tokens / seconds / the
@@ -20,21 +20,19 @@ slightly understated. Then the projected time of one Zephyr-7B iteration of the 
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator for --tiny
 
-from machinery import distributed  # noqa: E402
-import generate  # noqa: E402
-import spin  # noqa: E402
+from machinery import distributed
+import generate
+import spin
 
 # MistralForCausalLM shapes; "1b" is Zephyr-7B's architecture (GQA 4:1, SwiGLU) at ~0.94B parameters
 SIZES = {
@@ -121,9 +119,9 @@ def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
 
     reset_memory()
     started = time.time()
-    samples = generate.generate(model, tok, [r["prompt_ids"] for r in rows], args.max_new_tokens,
-                                True, 1.0, 1.0,
-                                args.generation_batch_size, seed=0, stop=[2], bf16=args.bf16)
+    prompts = [r["prompt_ids"] for r in rows]
+    samples = generate.generate(model, tok, prompts, generate.Sampling.of_run(args), seed=0,
+                                stop=[2])
     phases["generation"] = {"tokens": sum(len(s["generated_ids"]) for s in samples),
                             "seconds": time.time() - started, "memory_gib": memory()}
     pairs = [{**r, "iteration": 0, "generated_ids": s["generated_ids"] or [2]}

@@ -9,11 +9,11 @@ prompt.
            backward, the gradient written over the logits. The path of models outside
            logps.FUSED_HEAD_MODELS.
     fused: logps.FusedTokenLogps, the default: the head and the log-softmax in one, a chunk of
-    response
-           positions at a time; no (N, V) tensor at all; backward makes each chunk's logits again.
+           response positions at a time; no (N, V) tensor at all; backward makes each chunk's
+           logits again.
 
-    python benchmarks/logprobs.py            # B=4, T=1024, H=256, V=32000 and 128256; float32 and bfloat16
-    python benchmarks/logprobs.py --quick    # small sizes: what CI runs to check that it runs
+    python -m benchmarks.logprobs            # B=4, T=1024, H=256, V=32000 and 128256; fp32 and bf16
+    python -m benchmarks.logprobs --quick    # small sizes: what CI runs to check that it runs
 
 Two memory measures, both beyond the inputs (hidden states, head weight, their gradients):
   saved:  bytes of the distinct tensors autograd keeps between forward and backward, counted with
@@ -31,15 +31,13 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from machinery.logps import FusedTokenLogps, response_logps  # noqa: E402
-from loss import IGNORE_INDEX  # noqa: E402
+from machinery.logps import FusedTokenLogps, response_logps
+from loss import IGNORE_INDEX
 
 
 def naive(hidden, weight, labels):
@@ -118,8 +116,8 @@ def peak_worker(path: str, sizes: list[int], dtype: str) -> None:
 
 
 def peak_bytes(path: str, sizes: list[int], dtype: str) -> int:
-    out = subprocess.run([sys.executable, __file__, "--peak_worker", path, dtype, *map(str, sizes)],
-                         capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", __spec__.name, "--peak_worker", path, dtype, *map(str, sizes)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 

@@ -2,8 +2,8 @@
 (--use_peft --load_in_4bit), on the same model and the same pairs, each in its own process, side
 by side; ratios to full fine-tuning.
 
-    python benchmarks/memory.py            # SmolLM2-135M's shape (random weights), 3 steps of 8 pairs
-    python benchmarks/memory.py --quick    # a tiny model, 2 steps: what CI runs to check that it runs
+    python -m benchmarks.memory            # SmolLM2-135M's shape (random weights), 3 steps, 8 pairs
+    python -m benchmarks.memory --quick    # a tiny model, 2 steps: what CI runs
 
 The model is a randomly initialised LlamaForCausalLM with SmolLM2-135M-Instruct's configuration
 (30 layers, hidden 576, vocabulary 49,152, tied embeddings); pairs of 96 prompt and 64 + 64 reply
@@ -21,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
 }
@@ -103,9 +102,9 @@ def main(argv=None) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         for config in CONFIGS:  # one process each: a peak is that configuration's alone
-            out = subprocess.run([sys.executable, __file__, "--worker", config, shape, str(steps),
-                                  work],
-                                 capture_output=True, text=True)
+            command = [sys.executable, "-m", __spec__.name, "--worker", config, shape,
+                       str(steps), work]
+            out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{config}: {out.stderr[-2000:]}")
             rows[config] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,8 +3,8 @@
 (batching.pack; both defaults on): the share of the forward passes' token slots that are padding,
 training throughput in real (non-padding) tokens per second, and the loss statistics of the runs.
 
-    python benchmarks/padding.py            # 192 pairs, lengths shaped like UltraChat's at 1/4 scale, CPU
-    python benchmarks/padding.py --scale 1 --prompts 512    # the recipe's lengths (a GPU)
+    python -m benchmarks.padding            # 192 pairs, UltraChat-shaped lengths at 1/4 scale, CPU
+    python -m benchmarks.padding --scale 1 --prompts 512    # the recipe's lengths (a GPU)
 
 The pairs: prompts and human replies from benchmarks/gpu.py's UltraChat-shaped length mix, and a
 generated reply per pair whose length is log-normal around 200 tokens, cut at max_new_tokens 256
@@ -14,20 +14,17 @@ pairs from the same weights; only the order of the pairs and the layout of the r
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import data  # noqa: E402
-from machinery import batching  # noqa: E402
-import spin  # noqa: E402
-from gpu import ultrachat_shaped  # noqa: E402
+import data
+from machinery import batching
+import spin
+from benchmarks.gpu import ultrachat_shaped
 
 
 def padding_share(steps, args) -> float:

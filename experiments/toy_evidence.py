@@ -4,9 +4,10 @@ iteration; (c) continuing SFT on the same data for as many optimizer steps does 
 gains; (d) p_data is the fixed point (Theorem 5.2) and each ideal step moves p_t to
 p_t·(p_data/p_t)^{1/λ} (Theorem 5.4, checked exactly in tests/test_theory.py).
 
-    python experiments/toy_evidence.py                 # 3 seeds, 4 iterations: ~15 min on 2 CPU cores
-    python experiments/toy_evidence.py --fast          # 1 seed, 2 iterations, 512 prompts, no real grid: what CI runs
-    python experiments/toy_evidence.py --plateau --out runs/evidence-plateau   # claim (c) from a plateaued start
+    python -m experiments.toy_evidence           # 3 seeds, 4 iterations: ~15 min on 2 CPU cores
+    python -m experiments.toy_evidence --fast    # 1 seed, 2 iterations, 512 prompts: what CI runs
+    python -m experiments.toy_evidence --plateau --out runs/evidence-plateau
+                                                 # claim (c) from a plateaued start
 
 Protocol, fixed before the final runs: λ and the learning rate of SPIN, and the learning rate of
 continued SFT, are chosen on the VALIDATION prompts (data.toy_rows("validation")) with seed 0 and
@@ -16,20 +17,17 @@ which the choice never sees. Writes <out>/results.json, <out>/results.md and <ou
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machinery import checkpoint  # noqa: E402
-import data  # noqa: E402
-from machinery import evaluation  # noqa: E402
-from machinery import models  # noqa: E402
-import spin  # noqa: E402
-import toy  # noqa: E402
-from continued_sft import ContinuedSFT, draw_both, mean_std  # noqa: E402
+from machinery import checkpoint
+import data
+from machinery import evaluation
+from machinery import models
+import spin
+import toy
+from experiments.continued_sft import ContinuedSFT, draw_both, mean_std
 
 SPIN_GRID = [(beta, lr) for beta in (0.5, 1.0, 2.0) for lr in (3e-5, 1e-4, 3e-4)]
 SFT_GRID = [3e-5, 1e-4, 3e-4]

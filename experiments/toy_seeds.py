@@ -1,8 +1,8 @@
 """The README's toy table over several seeds: `python spin.py` with --seed 42 (its default), 43 and
 44, each column's mean and spread (min to max) per row.
 
-    python experiments/toy_seeds.py                 # 3 seeds, ~3 min on 2 CPU cores (runs in runs/toy-seed{s})
-    python experiments/toy_seeds.py --seeds 42 43 44 45 46
+    python -m experiments.toy_seeds               # 3 seeds, ~3 min on 2 CPU cores: runs/toy-seed{s}
+    python -m experiments.toy_seeds --seeds 42 43 44 45 46
 
 --seed changes what SPIN draws (the opponent's samples, the training order, the held-out
 samples); the start θ_0 is the toy's one weak SFT model, the same for every seed on a given
@@ -10,12 +10,10 @@ machine. Another CPU rounds float32 differently, and the SFT warm-up amplifies t
 differs in the second decimal."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import spin  # noqa: E402
+import spin
 
 COLUMNS = ["loss", "margin", "reward_accuracy", "eval_loss", "eval_margin", "eval_reward_accuracy",
            "eval_real_logp", "eval_generated_length", "accuracy", "tv_distance"]

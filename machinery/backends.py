@@ -64,8 +64,9 @@ class Plain:
         """The step a stopped run saved its state at (every --save_steps), or 0 with nothing
         saved."""
         saved = checkpoint.saved_state(path)
-        return checkpoint.load_training_state(saved, self.policy, self.optimizer,
-                                              scheduler) if saved else 0
+        if not saved:
+            return 0
+        return checkpoint.load_training_state(saved, self.policy, self.optimizer, scheduler)
 
     def save_model(self, tokenizer, path: Path, args) -> None:
         checkpoint.save_model(self.policy, tokenizer, path)
@@ -132,24 +133,24 @@ class Zero3:
         """Every rank joins the gather of the partitioned weights, one module at a time; the
         ranks that write (rank 0, or each node's first rank when nodes keep their own copies)
         keep a CPU copy of each whole weight, in its training dtype, and write the model
-        directory."""
+        directory. With --use_peft only the adapters are saved, so only they are gathered."""
         import deepspeed
 
         writes, state, copies = distributed.writer(args), {}, {}
         for prefix, module in self.policy.module.named_modules():
-            own = list(module.named_parameters(recurse=False))
+            own = [(name, p) for name, p in module.named_parameters(recurse=False)
+                   if p.requires_grad or not args.use_peft]
             with deepspeed.zero.GatheredParameters([p for _, p in own]):
                 if writes:
                     for name, p in own:  # a tied weight (lm_head = embed_tokens) stays one tensor
                         state[f"{prefix}.{name}" if prefix
                               else name] = copies.setdefault(id(p), p.detach().cpu().clone())
             for name, buffer in module.named_buffers(recurse=False):
-                if writes and name not in module._non_persistent_buffers_set:
+                if writes and name not in module._non_persistent_buffers_set and not args.use_peft:
                     state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
         if writes:
             checkpoint.save_model(self.policy.module, tokenizer, path, state_dict=state)
         distributed.barrier()
-
 
     def release(self) -> None:
         """Let go of this rank's partitions (fp32 masters, RMSProp state, gradient buffers: ~12

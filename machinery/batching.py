@@ -15,6 +15,7 @@ pairs of similar length (grouped_by_length), which pads less where sequences can
 """
 import torch
 
+import data
 from loss import IGNORE_INDEX
 
 
@@ -118,5 +119,5 @@ def grouped_by_length(order: list[int], lengths: list[int], size: int, generator
 def pair_length(pair: dict, max_prompt_length: int, max_length: int) -> int:
     """Tokens of a pair's longer sequence, prompt + y or prompt + y', as build_sequence cuts
     them."""
-    prompt = min(len(pair["prompt_ids"]), max_prompt_length)
+    prompt = len(data.cut_prompt(pair["prompt_ids"], max_prompt_length))
     return min(max_length, prompt + max(len(pair["real_ids"]), len(pair["generated_ids"])))

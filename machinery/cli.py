@@ -435,6 +435,11 @@ def check_adapters(args) -> None:
         (not (args.load_in_4bit and args.load_in_8bit),
          "--load_in_4bit and --load_in_8bit: choose one"),
         (args.lora_r >= 1, "--lora_r must be at least 1"),
+        # Never run: quantized storage under ZeRO-3 needs a GPU (below) and a GPU session to test
+        # it; refused rather than shipped untried.
+        (not (quantized and args.deepspeed), "--load_in_4bit/--load_in_8bit with --deepspeed is "
+                                             "not supported: QLoRA trains on one GPU; LoRA "
+                                             "(--use_peft alone) scales with ZeRO-3"),
         # Measured with bitsandbytes 0.50.2 on a CPU (2026-11-30): after one step, the adapters
         # whose gradient passes through a frozen 4-bit layer (gate, up, v) had not moved; torch
         # warns that its gemv_4bit op has no autograd kernel. Training there would silently be
@@ -443,9 +448,6 @@ def check_adapters(args) -> None:
          "--load_in_4bit/--load_in_8bit on a CPU: bitsandbytes' CPU kernels pass no gradient "
          "through the frozen quantized layers, so most adapters would not learn; QLoRA needs a "
          "CUDA GPU"),
-        (not (args.use_peft and args.deepspeed), "--use_peft with --deepspeed is not supported "
-                                                 "yet: adapters train on one process "
-                                                 "(docs/scaling.md, one GPU)"),
         (not args.use_peft or importlib.util.find_spec("peft") is not None,
          "--use_peft needs the peft package: pip install -r requirements.txt"),
         (not quantized or importlib.util.find_spec("bitsandbytes") is not None,

@@ -4,7 +4,7 @@ method; how its recipe (8×A100, ZeRO-3, arXiv 2401.01335v3 §5.1) runs.
     deepspeed --num_gpus 8 spin.py --model zephyr-7b-sft-full             # one node
     deepspeed --hostfile hosts spin.py --model zephyr-7b-sft-full          # several nodes
     torchrun --nproc_per_node 8 spin.py --model zephyr-7b-sft-full --deepspeed configs/ds_zero3.json
-    python spin.py --model zephyr-7b-sft-full     # with several GPUs visible: relaunches itself as the first line
+    python spin.py --model zephyr-7b-sft-full     # several GPUs visible: relaunches itself as above
 
 Each rank samples its shard of the prompts (prompt i goes to rank i % world) with a full
 inference copy of the opponent, and scores its shard of the training pairs; the shards meet through

@@ -79,8 +79,7 @@ def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dic
     if len(saved) == len(heldout["prompts"]):
         return saved
     prompts, real_ids = heldout["prompts"], heldout["real_ids"]
-    samples = gen.generate(model, tokenizer, prompts, args.max_new_tokens, not args.greedy,
-                           args.temperature, args.top_p, args.generation_batch_size,
+    samples = gen.generate(model, tokenizer, prompts, gen.Sampling.of_run(args),
                            data.seed(args.seed, "heldout", s), progress=not args.quiet, stop=stop)
     real = score(model, prompts, real_ids, args, f"eval θ{s}: log p(y)")
     generated = score(model, prompts, [g["generated_ids"] for g in samples], args,
@@ -183,7 +182,7 @@ def toy_metrics(model, tokenizer, split: str = "test", max_new_tokens: int = 16,
     rows = data.toy_rows(split)
     chat = data.ChatFormat(tokenizer)
     greedy = gen.generate(model, tokenizer, [chat.prompt_ids(r["messages"]) for r in rows],
-                          max_new_tokens, do_sample=False, batch_size=batch_size)
+                          gen.Sampling(max_new_tokens, do_sample=False, batch_size=batch_size))
     return toy.evaluate(model, tokenizer, rows, greedy)
 
 

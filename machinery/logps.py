@@ -107,8 +107,8 @@ def _config(model):
 def fused_head(model) -> bool:
     """Whether batch_logps computes log p(target) inside the head (FusedTokenLogps) for this
     model."""
-    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and getattr(_config(model), "model_type",
-                                                                     None) in FUSED_HEAD_MODELS
+    model_type = getattr(_config(model), "model_type", None)
+    return os.environ.get("SPIN_FUSED_HEAD", "1") != "0" and model_type in FUSED_HEAD_MODELS
 
 
 # Model types whose attention mask transformers 5.24 builds with masking_utils (which finds packed
@@ -219,9 +219,8 @@ class TokenLogps(torch.autograd.Function):
         for start in range(0, logits.shape[0], rows):
             chunk = logits[start:start + rows].float()  # (rows, V)
             lse[start:start + rows] = chunk.logsumexp(dim=-1)
-            token_logps[start:start
-                        + rows] = chunk.gather(1, targets[start:start + rows, None]).squeeze(1) \
-                - lse[start:start + rows]
+            picked = chunk.gather(1, targets[start:start + rows, None]).squeeze(1)
+            token_logps[start:start + rows] = picked - lse[start:start + rows]
         ctx.save_for_backward(logits, targets, lse)
         ctx.rows, ctx.overwrite, ctx.consumed = rows, overwrite, False
         return token_logps
@@ -251,7 +250,7 @@ class FusedTokenLogps(torch.autograd.Function):
     logsumexp carried from block to block; forward keeps the hidden states and logsumexp (N,).
     Backward makes each tile's logits again and gives, with d = g·(onehot(target) − softmax):
 
-        dL/dhidden = Σ_blocks d @ W_block      dL/dW_block = dᵀ @ hidden      dL/dbias_block = Σ_rows d
+        dL/dhidden = Σ_blocks d @ W_block    dL/dW_block = dᵀ @ hidden    dL/dbias_block = Σ_rows d
 
     so each block of the weight's gradient is made once, in the weight's dtype, with no (V, H)
     float32 accumulator; each block of the weight is read once per pass while all positions fit

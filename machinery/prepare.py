@@ -56,10 +56,10 @@ def prepare(args, run):
                            f"--model {args.model}")
     stop = gen.stop_ids(model, tokenizer, chat.end_of_turn)  # every id that ends a reply
     tokens = tokenize(chat, rows, heldout_rows, run.saved_tokens(), args)
-    # from the left, as in training
-    prompts = [p[-args.max_prompt_length:] for p in tokens["prompts"]]
+    prompts = [data.cut_prompt(p, args.max_prompt_length) for p in tokens["prompts"]]
     heldout = {"rows": heldout_rows,
-               "prompts": [p[-args.max_prompt_length:] for p in tokens["heldout_prompts"]],
+               "prompts": [data.cut_prompt(p, args.max_prompt_length)
+                           for p in tokens["heldout_prompts"]],
                "real_ids": tokens["heldout_real_ids"]}
     spin_data = data.RunData(rows, prompts, tokens["real_ids"], heldout, stop)
     describe_data(args, tokenizer, model, chat, tokens["prompts"], spin_data)

@@ -299,10 +299,9 @@ class Report:
         if self.rank0:
             args, it = self.args, self.run / f"iter{t}"
             tail = history[-10:]  # the last 10 steps: one batch alone is noisy
+            seed = data.seed(args.seed, "samples", t + 1)
             [after] = gen.generate(model, self.tokenizer, self.data.prompts[:1],
-                                   args.max_new_tokens, not args.greedy,
-                                   args.temperature, args.top_p, 1,
-                                   data.seed(args.seed, "samples", t + 1), stop=self.data.stop)
+                                   gen.Sampling.of_run(args), seed, stop=self.data.stop)
             row = {"iteration": t, "pairs": len(train_pairs), "learning_rate": learning_rate,
                    "first_loss": history[0]["loss"],
                    **{k: sum(h[k] for h in tail) / len(tail)

@@ -1,14 +1,12 @@
 """Shared fixtures: everything is built on the spot, offline (no hub downloads)."""
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the network
 os.environ["WANDB_MODE"] = "offline"  # --report_to wandb: files in the run directory only
 os.environ["WANDB_SILENT"] = "true"
@@ -20,7 +18,7 @@ os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="spin-tests-trackio-")  # --
 if os.environ.get("SPIN_TESTS_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-import toy  # noqa: E402
+import toy  # noqa: E402 (after CUDA is hidden, before torch looks for it)
 
 # The toy run every end-to-end test starts from; a test adds --model, --output_dir and what it
 # changes (argparse keeps a flag's last value, so an override is simply appended).
@@ -59,8 +57,7 @@ def small_sft_model(tmp_path_factory):
 def real_evidence_fast(tmp_path_factory):
     """experiments/real_evidence.py --fast, once: its seed0-spin directory is also the suite's end-to-end
     SPIN run of a real chat model (tests/test_chat_models.py), its checks in tests/test_real_evidence.py."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import real_evidence
+    from experiments import real_evidence
 
     out = tmp_path_factory.mktemp("real-evidence")
     real_evidence.main(["--fast", "--out", str(out)])

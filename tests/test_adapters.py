@@ -1,6 +1,7 @@
 """--use_peft: SPIN with LoRA adapters carried across iterations (machinery/adapters.py), on the toy.
 θ_t is the base plus iteration t's adapter; the first loss is log 2 at every iteration, the opponent's
-stored log-probs are θ_t's, checkpoints load as users expect, resume survives SIGKILL bit for bit."""
+stored log-probs are θ_t's, checkpoints load as users expect, resume survives SIGKILL and SIGTERM bit
+for bit. LoRA under ZeRO-3 on two CPU ranks: tests/test_zero3.py."""
 import json
 import math
 import signal
@@ -83,14 +84,23 @@ def test_checkpoints_load_with_peft_and_with_transformers_and_the_merged_model_i
     assert logps.fused_head(merged) and logps.fused_head(with_peft)  # the fast path serves both
 
 
-def test_a_killed_adapter_run_resumes_to_the_same_adapter_bit_for_bit(small_sft_model, tmp_path, lora_run):
-    """Killed mid-training (after the first saved state), run again by the same command: the final
-    adapters equal the uninterrupted run's (lora_run: the same flags, one CPU thread) exactly."""
+def test_an_adapter_run_stopped_by_sigkill_and_by_sigterm_resumes_to_the_same_adapter_bit_for_bit(
+        small_sft_model, tmp_path, lora_run):
+    """Killed mid-training in iteration 0 (after its first saved state), run again, stopped by
+    SIGTERM in iteration 1 (the step in progress is finished and saved, exit 75), run again to the
+    end by the same command: the final adapters equal the uninterrupted run's (lora_run: the same
+    flags, one CPU thread) exactly."""
     run, uninterrupted = tmp_path / "run", lora_run
     extra = [str(f) for f in FLAGS]
     killed = kill_when(small_sft_model, run, lambda r: (r / "iter0" / "checkpoint").exists(), extra=extra)
     assert killed is not None and killed[0] == -signal.SIGKILL
-    run_to_end(small_sft_model, run, *extra)
+    stopped = kill_when(small_sft_model, run, lambda r: (r / "iter1" / "metrics.jsonl").exists(),
+                        sig=signal.SIGTERM, extra=extra)
+    assert stopped is not None and stopped[0] == 75, stopped  # preemption.EXIT_RESUMABLE
+    assert "stopped by SIGTERM in iteration 1" in stopped[1]
+    assert not (run / "iter1" / "complete.json").exists()
+    stdout = run_to_end(small_sft_model, run, *extra)
+    assert "iteration 1: resuming training at step" in stdout
     a = load_file(uninterrupted / "iter1" / "model" / "adapter_model.safetensors")
     b = load_file(run / "iter1" / "model" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -99,9 +109,10 @@ def test_a_killed_adapter_run_resumes_to_the_same_adapter_bit_for_bit(small_sft_
 @pytest.mark.parametrize("flags, message", [
     (["--load_in_4bit"], "--load_in_4bit needs --use_peft"),
     (["--use_peft", "--lora_target_modules", "no_such_proj"], "--lora_target_modules no_such_proj:"),
-    (["--use_peft", "--deepspeed", "configs/ds_zero3.json"], "--use_peft with --deepspeed is not supported yet"),
     pytest.param(["--use_peft", "--load_in_4bit"], "bitsandbytes' CPU kernels pass no gradient",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
+    (["--use_peft", "--load_in_4bit", "--deepspeed", "configs/ds_zero3.json"],
+     "--load_in_4bit/--load_in_8bit with --deepspeed is not supported"),
 ])
 def test_bad_adapter_flags_are_one_line_and_exit_2(small_sft_model, tmp_path, capsys, flags, message):
     run = tmp_path / "run"

@@ -84,9 +84,23 @@ def test_algorithm_1_reads_on_a_screen():
     assert {k: v for p in (ROOT / PACKAGE).glob("*.py") for k, v in function_lengths(p).items() if v > 80} == {}
 
 
-def test_the_papers_files_have_lines_a_reader_can_see_whole():
-    """Lines within 100 characters in the files read next to the paper (the package's lines are
-    not there yet: docs/paper_map.md's code comes from these files)."""
-    long = [f"{p.name}:{i}" for p in sorted(ROOT.glob("*.py"))
+def the_projects_code() -> list[Path]:
+    """Every Python file outside the tests (and outside run directories and environments)."""
+    return [p for p in python_files()
+            if p.relative_to(ROOT).parts[0] not in ("tests", "runs")
+            and not any(part.startswith(".") or part == "site-packages" for part in p.parts)]
+
+
+def test_lines_a_reader_can_see_whole():
+    """Lines within 100 characters in every file of the project but the tests."""
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in the_projects_code()
             for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 100]
     assert long == []
+
+
+def test_scripts_run_from_the_root_without_editing_sys_path():
+    """Benchmarks and experiments are run as `python -m benchmarks.gpu` from the root, and pytest
+    finds the project through pyproject.toml's pythonpath: no file edits sys.path."""
+    edits = [str(p.relative_to(ROOT)) for p in python_files()
+             if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()]
+    assert edits == [str(Path(__file__).relative_to(ROOT))]  # this test's own strings

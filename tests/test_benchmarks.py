@@ -5,14 +5,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import logprobs
 
-import logprobs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_quick_logprobs_benchmark_runs_and_prints_its_table():
-    result = subprocess.run([sys.executable, "benchmarks/logprobs.py", "--quick"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.logprobs", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n| 1000 | float32 |") == 1 and result.stdout.count("\n| 1000 | bfloat16 |") == 1
@@ -40,7 +39,7 @@ def test_the_fused_head_keeps_no_logits_for_backward():
 
 def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
     """Quick mode; the first-step loss and rewards of spin.train and TRL's DPOTrainer, policy ≠ opponent."""
-    result = subprocess.run([sys.executable, "benchmarks/trl_compare.py", "--quick"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.trl_compare", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "agree to 1e-06: yes" in result.stdout and "agree to 1e-04: yes" in result.stdout
@@ -50,7 +49,7 @@ def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
 
 
 def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens():
-    result = subprocess.run([sys.executable, "benchmarks/generation.py", "--quick"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens from both: yes" in result.stdout
@@ -59,7 +58,7 @@ def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens(
 
 def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
     """benchmarks/gpu.py --tiny on the CPU: the script a GPU session runs, checked to run end to end."""
-    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--prompts", "8"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--prompts", "8"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for run in ("plain", "zero3"):
@@ -70,7 +69,7 @@ def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
 
 def test_the_smoke_test_passes_every_check_on_the_cpu():
     """benchmarks/smoke.py in its CPU mode: the one command a GPU session runs first, checked to run."""
-    result = subprocess.run([sys.executable, "benchmarks/smoke.py"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.smoke"], cwd=ROOT, capture_output=True, text=True,
                             timeout=400)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert result.returncode == 0 and len(lines) == 4 and all(line.startswith("ok") for line in lines), \
@@ -80,7 +79,7 @@ def test_the_smoke_test_passes_every_check_on_the_cpu():
 
 def test_the_quick_memory_benchmark_compares_full_lora_and_qlora():
     """benchmarks/memory.py --quick: the configurations run (QLoRA on a GPU only), adapters train fewer."""
-    result = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in result.stdout.splitlines()

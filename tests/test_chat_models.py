@@ -144,7 +144,7 @@ def test_a_real_chat_models_replies_end_on_its_end_of_turn_token(smollm2_run, sm
     assert all(im_end not in p["generated_ids"][:-1] for p in pairs)
     tokenizer, model = models.load_model(str(smollm2))
     prompt = data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
-    [answer] = spin.gen.generate(model, tokenizer, [prompt], max_new_tokens=24, do_sample=False)
+    [answer] = spin.gen.generate(model, tokenizer, [prompt], spin.gen.Sampling(max_new_tokens=24, do_sample=False))
     assert answer["ended"] and answer["generated_ids"][-1] == im_end, answer
     limit = json.loads((smollm2_run / "config.json").read_text())["max_new_tokens"]
     assert all(len(p["generated_ids"]) == limit for p in pairs if not p["ended"])
@@ -181,7 +181,7 @@ def test_a_real_chat_models_checkpoints_load_and_answer(smollm2_run):
     tokenizer, model = models.load_model(str(smollm2_run / "iter1" / "model"))
     chat = data.ChatFormat(tokenizer)
     prompt = chat.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
-    [answer] = spin.gen.generate(model, tokenizer, [prompt], max_new_tokens=12, do_sample=False)
+    [answer] = spin.gen.generate(model, tokenizer, [prompt], spin.gen.Sampling(max_new_tokens=12, do_sample=False))
     assert "Paris" in answer["text"]
     evaluation = read_jsonl(smollm2_run / "evaluation.jsonl")
     assert [row["model"] for row in evaluation] == [0, 1, 2]

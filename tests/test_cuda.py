@@ -2,7 +2,7 @@
 on the CPU. Where only a GPU could show a fault (the device an object collective uses, DeepSpeed's
 accelerator), a stand-in for torch.cuda / DeepSpeed's accelerator records what the code asks of them:
 acceptable only because the machines that run this suite have no GPU. Part two: checks that need a
-GPU, skipped without one; `python benchmarks/smoke.py` runs them on a GPU (SPIN_TESTS_CUDA=1)."""
+GPU, skipped without one; `python -m benchmarks.smoke` runs them on a GPU (SPIN_TESTS_CUDA=1)."""
 import argparse
 import math
 import os
@@ -168,7 +168,7 @@ def test_sampling_under_bf16_multiplies_in_bf16(tokenizer):
     seen = []
     handle = model.lm_head.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
     try:
-        generate.generate(model, tokenizer, [[5, 7, 31, 24]], max_new_tokens=3, seed=0, bf16=True, stop=[2])
+        generate.generate(model, tokenizer, [[5, 7, 31, 24]], generate.Sampling(max_new_tokens=3, bf16=True), seed=0, stop=[2])
     finally:
         handle.remove()
     assert seen and set(seen) == {torch.bfloat16}

@@ -5,15 +5,14 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "docs"))
+from docs import make_paper_map
 
-import make_paper_map  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_paper_map_matches_the_code():
     committed = (ROOT / "docs" / "paper_map.md").read_text()
-    assert committed == make_paper_map.render(), "the code changed: run `python docs/make_paper_map.py`"
+    assert committed == make_paper_map.render(), "the code changed: run `python -m docs.make_paper_map`"
 
 
 def test_every_algorithm_line_and_theorem_is_mapped():
@@ -58,7 +57,7 @@ def test_every_exercise_check_selects_tests():
 def test_the_walkthrough_runs_and_shows_what_the_page_says(small_sft_model):
     import subprocess
 
-    result = subprocess.run([sys.executable, "docs/walkthrough.py", str(small_sft_model)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "docs.walkthrough", str(small_sft_model)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     margins = [float(m) for m in re.findall(r"margin = ([+-]\d+\.\d+)", result.stdout)]

@@ -56,7 +56,7 @@ def test_heldout_numbers_equal_an_independent_computation(tokenizer, small_sft_m
     x, y = heldout["prompts"], heldout["real_ids"]
     y0 = [r["generated_ids"] for r in first]
     held_out_stream = data.seed(3, "heldout", 0)  # θ_0's held-out samples: the "heldout" stream of --seed 3
-    assert y0 == [g["generated_ids"] for g in generate.generate(before, tokenizer, x, 12, True, 1.0, 1.0, 7, held_out_stream)]
+    assert y0 == [g["generated_ids"] for g in generate.generate(before, tokenizer, x, generate.Sampling(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, batch_size=7), seed=held_out_stream)]
     real_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y)]
     real_before = [logp_one_by_one(before, p, r) for p, r in zip(x, y)]
     generated_now = [logp_one_by_one(after, p, r) for p, r in zip(x, y0)]
@@ -100,7 +100,7 @@ def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(
     model = AutoModelForCausalLM.from_pretrained(small_sft_model).eval()
     questions = [r["messages"][0]["content"] for r in data.toy_rows("test")[:40]]
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": q}]) for q in questions]
-    answers = [a["text"] for a in generate.generate(model, tokenizer, prompts, 16, do_sample=False, batch_size=40)]
+    answers = [a["text"] for a in generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=16, do_sample=False, batch_size=40))]
     docs = [{"question": q, "answer": a if i % 2 == 0 else a + "!"} for i, (q, a) in enumerate(zip(questions, answers))]
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))

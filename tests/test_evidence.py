@@ -2,17 +2,14 @@
 not the headline numbers (docs/results.md reports those, from the full run)."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from experiments import toy_evidence
 from test_theory import P_DATA, P_T, minimize
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import toy_evidence  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_exercise_7_greedy_responses_are_likelier_under_the_opponent_than_sample
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
     mean_logp = {}
     for greedy in (True, False):
-        samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, do_sample=not greedy, seed=0)
+        samples = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=12, do_sample=not greedy), seed=0)
         pairs = [{"prompt_ids": p, "real_ids": s["generated_ids"], "generated_ids": s["generated_ids"]}
                  for p, s in zip(prompts, samples)]
         spin.opponent_logps(model, pairs, args)

@@ -11,7 +11,7 @@ PROMPTS = ["1+2", "10+20", "5+55", "99+1", "7+0"]
 def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer):
     model = tiny_mistral(tokenizer, seed=3)
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    batched = generate.generate(model, tokenizer, prompts, max_new_tokens=6, do_sample=False, batch_size=3)
+    batched = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=6, do_sample=False, batch_size=3))
     for prompt, result in zip(prompts, batched):
         single = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -29,13 +29,13 @@ def test_records_whether_a_response_ended_or_hit_the_limit(small_sft_model):
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model)
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    full = generate.generate(model, tokenizer, prompts, max_new_tokens=16, do_sample=False)
+    full = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=16, do_sample=False))
     assert all(r["ended"] and r["generated_ids"][-1] == tokenizer.eos_token_id for r in full)
     assert all(tokenizer.eos_token_id not in r["generated_ids"][:-1] for r in full)  # nothing after EOS
     # one token fewer than each full answer: every response is cut at the limit and has no EOS
     for prompt, result in zip(prompts, full):
         limit = len(result["generated_ids"]) - 1
-        [cut] = generate.generate(model, tokenizer, [prompt], max_new_tokens=limit, do_sample=False)
+        [cut] = generate.generate(model, tokenizer, [prompt], generate.Sampling(max_new_tokens=limit, do_sample=False))
         assert cut == {"generated_ids": result["generated_ids"][:-1], "text": result["text"], "ended": False}
 
 
@@ -45,9 +45,9 @@ def test_sampling_is_reproducible_by_seed(small_sft_model):
     tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
     model = AutoModelForCausalLM.from_pretrained(small_sft_model)
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS * 8]
-    a = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=1, batch_size=16)
-    b = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=1, batch_size=16)
-    c = generate.generate(model, tokenizer, prompts, max_new_tokens=10, seed=2, batch_size=16)
+    a = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=10, batch_size=16), seed=1)
+    b = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=10, batch_size=16), seed=1)
+    c = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=10, batch_size=16), seed=2)
     assert a == b
     assert a != c
 
@@ -69,7 +69,7 @@ def test_a_generation_config_with_two_stop_ids_stops_on_either(tokenizer):
     stop = generate.stop_ids(model, tokenizer)
     assert stop == sorted([tokenizer.eos_token_id, seven])
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS * 16]
-    results = generate.generate(model, tokenizer, prompts, max_new_tokens=40, seed=0, batch_size=80)
+    results = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=40, batch_size=80), seed=0)
     for r in results:
         stops = [k for k, token in enumerate(r["generated_ids"]) if token in stop]
         assert stops == ([len(r["generated_ids"]) - 1] if r["ended"] else [])  # exactly one, at the end
@@ -85,7 +85,7 @@ def test_the_models_own_sampling_settings_do_not_apply(tokenizer):
     model.generation_config.repetition_penalty, model.generation_config.top_k = 5.0, 1
     assert generate.ignored_generation_settings(model) == {"top_k": 1, "repetition_penalty": 5.0}
     prompts = [data.ChatFormat(tokenizer).prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    greedy = generate.generate(model, tokenizer, prompts, max_new_tokens=12, do_sample=False)
+    greedy = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=12, do_sample=False))
     for prompt, result in zip(prompts, greedy):  # argmax of the model's own logits, one token at a time
         ids = list(prompt)
         for _ in range(12):
@@ -97,6 +97,6 @@ def test_the_models_own_sampling_settings_do_not_apply(tokenizer):
     penalized = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)[0, len(prompts[0]):].tolist()
     assert penalized[: len(greedy[0]["generated_ids"])] != greedy[0]["generated_ids"]  # the penalty would matter
-    sampled = generate.generate(model, tokenizer, prompts * 4, max_new_tokens=12, seed=0)
+    sampled = generate.generate(model, tokenizer, prompts * 4, generate.Sampling(max_new_tokens=12), seed=0)
     assert [s["generated_ids"] for s in sampled[:5]] != [g["generated_ids"] for g in greedy]  # top_k=1 is off
     assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was

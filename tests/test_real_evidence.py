@@ -3,17 +3,14 @@ and chitchat's human conversations), and its measures on hand-made cases. Proper
 run has, not the headline numbers (docs/results.md reports those, from the full run)."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import read_jsonl
+from experiments import real_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import real_evidence  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def toy_pairs(small_sft_model):
     tokenizer, model = models.load_model(args.model)
     rows = data.toy_rows("train")[:64]
     prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
-    samples = generate.generate(model, tokenizer, prompts, max_new_tokens=12, seed=0)
+    samples = generate.generate(model, tokenizer, prompts, generate.Sampling(max_new_tokens=12), seed=0)
     pairs = [{"prompt_ids": p, "real_ids": data.ChatFormat(tokenizer).reply_ids(r["messages"], r["response"]),
               "generated_ids": s["generated_ids"]} for r, s, p in zip(rows, samples, prompts)]
     spin.opponent_logps(model, pairs, args)

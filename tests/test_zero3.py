@@ -29,7 +29,8 @@ TOLERANCE = {0: 1e-5, 1: 2e-3}
 
 def deepspeed_launch(*argv, timeout=400):
     command = ["deepspeed", "--num_gpus", "2", "--master_port", "29531", *argv]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    env = {**ENV, "PYTHONPATH": str(ROOT)}  # tests/zero3_worker.py imports the project's modules
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
 
@@ -176,4 +177,52 @@ def test_accelerate_launch_with_its_deepspeed_config_runs_the_same_zero3_iterati
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["deepspeed"] == "configs/ds_zero3.json"
     losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")]
+    assert losses == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")], abs=TOLERANCE[0])
+
+
+@pytest.fixture(scope="module")
+def lora_runs(small_sft_model, tmp_path_factory):
+    """--use_peft under ZeRO-3 on two CPU ranks, and the same on one process (the reference)."""
+    zero3, single = tmp_path_factory.mktemp("lora-zero3"), tmp_path_factory.mktemp("lora-single")
+    deepspeed_launch("spin.py", "--model", str(small_sft_model), *FLAGS, "--use_peft", "--per_device_train_batch_size",
+                     "4", "--save_steps", "2", "--deepspeed", "configs/ds_zero3.json", "--output_dir", str(zero3))
+    subprocess.run([sys.executable, "spin.py", "--model", str(small_sft_model), *FLAGS, "--use_peft",
+                    "--per_device_train_batch_size", "8", "--output_dir", str(single)],
+                   cwd=ROOT, env={**ENV, "SPIN_FUSED_HEAD": "0"}, check=True, capture_output=True, timeout=300)
+    return zero3, single
+
+
+def test_lora_under_zero3_trains_the_adapters_of_one_process(lora_runs):
+    """The same losses and the same adapters as one process (TOLERANCE: the all-reduce's order), each
+    iteration starting at log 2; each iter{t}/model holds only the adapters and loads with peft."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    zero3, single = lora_runs
+    for t in range(2):
+        a, b = read_jsonl(zero3 / f"iter{t}" / "metrics.jsonl"), read_jsonl(single / f"iter{t}" / "metrics.jsonl")
+        assert len(a) == len(b) == (8 if t == 0 else 16)
+        assert a[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # θ = θ_t: the opponent's log-probs are θ_t's
+        assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=TOLERANCE[t])
+        model = zero3 / f"iter{t}" / "model"
+        assert not (model / "model.safetensors").exists()  # the base is not gathered and saved again
+        x, y = load_file(model / "adapter_model.safetensors"), load_file(single / f"iter{t}" / "model" / "adapter_model.safetensors")
+        assert x.keys() == y.keys() and all("lora_" in k for k in x)
+        assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-3  # as the full weights' bound above
+        assert isinstance(AutoPeftModelForCausalLM.from_pretrained(str(model)), PeftModel)
+    assert (zero3 / "merged" / "model.safetensors").exists()
+
+
+def test_lora_under_zero3_resumes_after_sigkill_to_the_same_losses(lora_runs, small_sft_model, tmp_path):
+    """torchrun with two ranks, every process killed once iteration 0 has a saved state, run again:
+    DeepSpeed's partitions of the adapters (the frozen base is reloaded from θ_t) continue the run."""
+    zero3, _ = lora_runs
+    run = tmp_path / "run"
+    signal_when(torchrun(small_sft_model, run, "--use_peft"), lambda: (run / "iter0" / "checkpoint").exists(),
+                signal.SIGKILL)
+    assert not (run / "iter0" / "complete.json").exists()
+    result = subprocess.run(torchrun(small_sft_model, run, "--use_peft"), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "iteration 0: resuming training at step 2 of 8" in result.stdout
+    losses = [m["loss"] for m in read_jsonl(run / "iter0" / "metrics.jsonl")]
     assert losses == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")], abs=TOLERANCE[0])

@@ -8,18 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
+from safetensors.torch import load_file
 
-import data  # noqa: E402
-from machinery import models  # noqa: E402
-from machinery import distributed  # noqa: E402
-from machinery import logps  # noqa: E402
-import loss  # noqa: E402
-import spin  # noqa: E402
+import data
+from machinery import models
+from machinery import distributed
+from machinery import logps
+import loss
+import spin
 
 model_dir, out = sys.argv[-2], Path(sys.argv[-1])
 args = spin.parse_args(["--model", model_dir, "--dataset", "toy", "--deepspeed", "configs/ds_zero3.json",
