@@ -201,8 +201,8 @@ def run_sft(start: Path, steps: list[int], lr: float, seed: int, flags: list[str
     chat = data.ChatFormat(tokenizer)
     heldout = heldout_set(chat, heldout_path)
     stop = gen.stop_ids(model, tokenizer, chat.end_of_turn)
-    sft = ContinuedSFT(model, sequences(chat, data.load_rows(str(flags[flags.index("--dataset")
-                                                                       + 1]))), BATCH, seed)
+    dataset = flags[flags.index("--dataset") + 1]
+    sft = ContinuedSFT(model, sequences(chat, data.load_rows(str(dataset))), BATCH, seed)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     if spin_run:
         shutil.copy(spin_run / "eval" / "model0.jsonl", out / "eval" / "model0.jsonl")
@@ -298,6 +298,31 @@ def remove_models(run: Path, iters: int) -> None:
         shutil.rmtree(run / f"iter{t}" / "model", ignore_errors=True)
 
 
+def final_run(seed: int, s: dict, start: Path, paths: dict, chosen: tuple[float, float],
+              human: list, out: Path, fast: bool) -> dict:
+    """One seed of the final comparison on the test conversations: SPIN, then continued SFT with
+    SPIN's steps; their measures (and, for the first seed, the replies to the fixed prompt)."""
+    best_spin, best_sft = chosen
+    spin_run, sft_run = out / f"seed{seed}-spin", out / f"seed{seed}-sft"
+    flags = spin_flags(start, paths, "test", best_spin, seed, s["iters"], s, spin_run)
+    steps = run_spin(flags, spin_run)
+    replies = {"spin": spin_replies(start, spin_run, s["iters"],
+                                    s["reply_tokens"])} if seed == s["seeds"][0] else {}
+    sft_flags = spin_flags(start, paths, "test", best_sft, seed, s["iters"], s, sft_run)
+    sft_replies = run_sft(start, steps, best_sft, seed, sft_flags, spin_run, sft_run,
+                          paths["test"], s["reply_tokens"] if replies else 0)
+    if replies:
+        replies["sft"] = [replies["spin"][0]] + sft_replies
+    if not fast:  # --fast keeps them for the tests (tests/test_chat_models.py)
+        remove_models(spin_run, s["iters"])
+    run = {"seed": seed, "steps": steps, "spin": measures(spin_run, s["iters"], human),
+           "sft": measures(sft_run, s["iters"], human), **({"replies": replies} if replies else {})}
+    print(f"seed {seed}: log-likelihood per token, SPIN "
+          f"{[round(r['logp_per_token'], 4) for r in run['spin']]}; continued SFT "
+          f"{[round(r['logp_per_token'], 4) for r in run['sft']]}", flush=True)
+    return run
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fast", action="store_true",
@@ -327,30 +352,11 @@ def main(argv=None) -> None:
     tokenizer = models.load_model(str(start))[0]
     # without the end-of-turn
     human = [y[:-1] for y in heldout_set(data.ChatFormat(tokenizer), paths["test"])["real_ids"]]
-    runs = []
-    for seed in s["seeds"]:
-        spin_run, sft_run = out / f"seed{seed}-spin", out / f"seed{seed}-sft"
-        flags = spin_flags(start, paths, "test", best_spin, seed, s["iters"], s, spin_run)
-        steps = run_spin(flags, spin_run)
-        replies = {"spin": spin_replies(start, spin_run, s["iters"],
-                                        s["reply_tokens"])} if seed == s["seeds"][0] else {}
-        sft_flags = spin_flags(start, paths, "test", best_sft, seed, s["iters"], s, sft_run)
-        sft_replies = run_sft(start, steps, best_sft, seed, sft_flags, spin_run, sft_run,
-                              paths["test"], s["reply_tokens"] if replies else 0)
-        if replies:
-            replies["sft"] = [replies["spin"][0]] + sft_replies
-        if not args.fast:  # --fast keeps them for the tests (tests/test_chat_models.py)
-            remove_models(spin_run, s["iters"])
-        runs.append({"seed": seed, "steps": steps, "spin": measures(spin_run, s["iters"], human),
-                     "sft": measures(sft_run, s["iters"], human),
-                     **({"replies": replies} if replies else {})})
-        print(f"seed {seed}: log-likelihood per token, SPIN "
-              f"{[round(r['logp_per_token'], 4) for r in runs[-1]['spin']]}; continued SFT "
-              f"{[round(r['logp_per_token'], 4) for r in runs[-1]['sft']]}", flush=True)
-    timings["final_min"] = (time.time()
-                            - started) / 60 - timings["sft_start_min"] - timings["protocol_min"]
+    runs = [final_run(seed, s, start, paths, (best_spin, best_sft), human, out, args.fast)
+            for seed in s["seeds"]]
     minutes = (time.time() - started) / 60
-    results = {"settings": {**s, "model": MODEL, "beta": BETA, "batch": BATCH, 
+    timings["final_min"] = minutes - timings["sft_start_min"] - timings["protocol_min"]
+    results = {"settings": {**s, "model": MODEL, "beta": BETA, "batch": BATCH,
                             "max_prompt_length": MAX_PROMPT, "max_length": MAX_LENGTH,
                             "max_first_turn_words": MAX_WORDS},
                "sft_curve": curve, "protocol": grid, "chosen": {"spin": best_spin, "sft": best_sft},

@@ -50,10 +50,10 @@ def run_spin(start: Path, out: Path, beta: float, lr: float, iters: int, seed: i
     for t in range(iters):
         row = json.loads((out / f"iter{t}" / "complete.json").read_text())
         if split == "test":  # spin.main evaluated the test prompts already
+            steps = len(checkpoint.read_jsonl(out / f"iter{t}" / "metrics.jsonl"))
             results.append({k: row[k]
-                            for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")} |
-                           {"steps": len(checkpoint.read_jsonl(out / f"iter{t}"
-                                                               / "metrics.jsonl"))})
+                            for k in ("accuracy", "tv_distance", "valid_mass", "first_loss")}
+                           | {"steps": steps})
         else:
             tokenizer, model = models.load_model(str(out / f"iter{t}" / "model"))
             results.append(evaluation.toy_metrics(model, tokenizer, split))
@@ -99,24 +99,7 @@ def main(argv=None) -> None:
     # 1. The protocol: choose on validation prompts, seed 0, 2 iterations.
     curve, sft_steps = plateau_steps() if args.plateau else ([], toy.SFT["sft_steps"])
     start0 = toy.sft_model_path(seed=0, sft_steps=sft_steps)
-    protocol = {"spin": [], "sft": []}
-    # a one-point grid (--fast) has nothing to choose
-    for beta, lr in spin_grid if len(spin_grid) > 1 else []:
-        tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0,
-                      "validation")[-1]["tv_distance"]
-        protocol["spin"].append({"beta": beta, "learning_rate": lr, "validation_tv": tv})
-        print(f"protocol: SPIN λ={beta} lr={lr:g}: validation TV {tv:.4f}", flush=True)
-    for lr in sft_grid if len(sft_grid) > 1 else []:
-        first_spin = out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
-        spin_steps = [len(checkpoint.read_jsonl(first_spin / f"iter{t}" / "metrics.jsonl"))
-                      for t in range(2)]
-        tv = run_sft(start0, spin_steps, lr, 0, "validation")[-1]["tv_distance"]
-        protocol["sft"].append({"learning_rate": lr, "validation_tv": tv})
-        print(f"protocol: continued SFT lr={lr:g}: validation TV {tv:.4f}", flush=True)
-    best = min(protocol["spin"], key=lambda r: r["validation_tv"]) if protocol["spin"] else \
-        {"beta": spin_grid[0][0], "learning_rate": spin_grid[0][1], "validation_tv": None}
-    best_sft = min(protocol["sft"], key=lambda r: r["validation_tv"]) if protocol["sft"] else \
-        {"learning_rate": sft_grid[0], "validation_tv": None}
+    protocol, best, best_sft = choose(start0, spin_grid, sft_grid, out)
     print(f"chosen before the final runs: SPIN λ={best['beta']} lr={best['learning_rate']:g}; "
           f"continued SFT lr={best_sft['learning_rate']:g}", flush=True)
 
@@ -145,6 +128,30 @@ def main(argv=None) -> None:
     plot(results, out / "results.png")
     print(table(results))
     print(f"{minutes:.1f} min; wrote {out}/results.json, results.md, results.png")
+
+
+def choose(start0: Path, spin_grid: list, sft_grid: list, out: Path) -> tuple[dict, dict, dict]:
+    """The protocol: each grid point on the validation prompts, seed 0, 2 iterations; the best
+    SPIN (λ, learning rate) and continued-SFT learning rate by validation TV."""
+    protocol = {"spin": [], "sft": []}
+    # a one-point grid (--fast) has nothing to choose
+    for beta, lr in spin_grid if len(spin_grid) > 1 else []:
+        tv = run_spin(start0, out / f"protocol-spin-b{beta}-lr{lr}", beta, lr, 2, 0,
+                      "validation")[-1]["tv_distance"]
+        protocol["spin"].append({"beta": beta, "learning_rate": lr, "validation_tv": tv})
+        print(f"protocol: SPIN λ={beta} lr={lr:g}: validation TV {tv:.4f}", flush=True)
+    for lr in sft_grid if len(sft_grid) > 1 else []:
+        first_spin = out / f"protocol-spin-b{spin_grid[0][0]}-lr{spin_grid[0][1]}"
+        spin_steps = [len(checkpoint.read_jsonl(first_spin / f"iter{t}" / "metrics.jsonl"))
+                      for t in range(2)]
+        tv = run_sft(start0, spin_steps, lr, 0, "validation")[-1]["tv_distance"]
+        protocol["sft"].append({"learning_rate": lr, "validation_tv": tv})
+        print(f"protocol: continued SFT lr={lr:g}: validation TV {tv:.4f}", flush=True)
+    best = min(protocol["spin"], key=lambda r: r["validation_tv"]) if protocol["spin"] else \
+        {"beta": spin_grid[0][0], "learning_rate": spin_grid[0][1], "validation_tv": None}
+    best_sft = min(protocol["sft"], key=lambda r: r["validation_tv"]) if protocol["sft"] else \
+        {"learning_rate": sft_grid[0], "validation_tv": None}
+    return protocol, best, best_sft
 
 
 def plateau_steps() -> tuple[list[dict], int]:

@@ -91,8 +91,8 @@ def fullest_width(lengths: list[int]) -> int:
         low, high = max(longest, -(-total // count)), total
         while low < high:  # the narrowest width that first_fit fits in `count` rows
             middle = (low + high) // 2
-            low, high = (low, middle) if len(first_fit(lengths, middle)) <= count else (middle + 1,
-                                                                                        high)
+            fits = len(first_fit(lengths, middle)) <= count
+            low, high = (low, middle) if fits else (middle + 1, high)
         best = min(best, (count * low, low))
     return best[1]
 

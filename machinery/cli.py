@@ -325,9 +325,8 @@ def apply_recipe(args) -> None:
     args.rank, args.world_size = distributed.world()
     # the paper's 64 pairs, on any number of GPUs
     if args.global_batch_size and not accumulation_given:
-        args.gradient_accumulation_steps = max(1, args.global_batch_size
-                                               // (args.per_device_train_batch_size
-                                                                              * args.world_size))
+        per_step = args.per_device_train_batch_size * args.world_size
+        args.gradient_accumulation_steps = max(1, args.global_batch_size // per_step)
 
 
 def flash_attention_available() -> bool:
@@ -400,6 +399,14 @@ def validate(args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_packages(args)
+    if args.deepspeed:
+        check_deepspeed_precision(args)
+    check_adapters(args)
+
+
+def check_packages(args) -> None:
+    """Optional packages the flags need, and FlashAttention-2's conditions."""
     import importlib.util
 
     for flag, given, package in (("--eval_tasks", args.eval_tasks, "lm_eval"),
@@ -418,9 +425,6 @@ def validate(args) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation); or use sdpa")
-    if args.deepspeed:
-        check_deepspeed_precision(args)
-    check_adapters(args)
 
 
 def check_adapters(args) -> None:

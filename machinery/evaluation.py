@@ -49,16 +49,15 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
         same = source == args.dataset  # the same data set: the same revision and configuration
         held = data.load_rows(source, args.eval_split, args.turn, "--eval_dataset",
                               args.dataset_revision if same else None,
-                             args.dataset_config if same else None)
+                              args.dataset_config if same else None)
         if len(held) > args.eval_samples:
-            held = [held[i]
-                    for i in sorted(random.Random(args.seed).sample(range(len(held)),
-                                                                    args.eval_samples))]
+            chosen = random.Random(args.seed).sample(range(len(held)), args.eval_samples)
+            held = [held[i] for i in sorted(chosen)]
         return rows, held
     n = min(args.eval_samples, len(rows) // 10)
     chosen = set(random.Random(args.seed).sample(range(len(rows)), n))
-    return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows)
-                                                                if i in chosen]
+    return ([r for i, r in enumerate(rows) if i not in chosen],
+            [r for i, r in enumerate(rows) if i in chosen])
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], args,

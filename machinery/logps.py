@@ -35,9 +35,8 @@ from loss import IGNORE_INDEX, sequence_logps
 
 
 def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int,
-          max_length: int,
-          bf16: bool = False, padding_free: bool = False, fast: bool = True) -> tuple[torch.Tensor,
-                                                                                      torch.Tensor]:
+          max_length: int, bf16: bool = False, padding_free: bool = False,
+          fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
     training and evaluation. fast=False (--no-fast_logps): the textbook path, loss.sequence_logps on
@@ -149,8 +148,8 @@ def batch_logps(model, batch: dict, bf16: bool = False) -> torch.Tensor:
         return (hidden[positions].unsqueeze(0),) + inputs[1:]  # (1, N, H)
 
     def log_p_target(hidden):  # the head's forward, for this call: (1, N, H) -> (1, N, 1)
-        return FusedTokenLogps.apply(hidden[0], head.weight, head.bias, targets, head)[None, :,
-                                                                                       None]
+        token_logps = FusedTokenLogps.apply(hidden[0], head.weight, head.bias, targets, head)
+        return token_logps[None, :, None]
 
     handle = head.register_forward_pre_hook(only_response_positions)
     if fused:
@@ -292,8 +291,8 @@ class FusedTokenLogps(torch.autograd.Function):
                     lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], logits.logsumexp(dim=-1))
                     # (rows, 1), (rows, 1)
                     column, inside = _in_block(targets[r:r + rows], c, logits.shape[1])
-                    target_logit[r:r + rows] += torch.where(inside, logits.gather(1, column),
-                                                            0.0)[:, 0]
+                    picked = torch.where(inside, logits.gather(1, column), 0.0)  # (rows, 1)
+                    target_logit[r:r + rows] += picked[:, 0]
         ctx.save_for_backward(hidden, targets, lse)
         ctx.head, ctx.dtype = head, dtype
         return target_logit - lse

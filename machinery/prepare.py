@@ -47,9 +47,8 @@ def prepare(args, run):
                           args.dataset_revision, args.dataset_config)
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
     if args.max_samples and args.max_samples < len(rows):
-        rows = [rows[i]
-                for i in sorted(random.Random(args.seed).sample(range(len(rows)),
-                                                                args.max_samples))]
+        chosen = random.Random(args.seed).sample(range(len(rows)), args.max_samples)
+        rows = [rows[i] for i in sorted(chosen)]
     if args.eval_tasks:
         evaluation.check_tasks(args)
     chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs,
@@ -124,8 +123,8 @@ def tokenize(chat: data.ChatFormat, rows: list[dict], heldout_rows: list[dict], 
                                   "real_ids": real_ids})
                 except data.DataError as e:
                     raise data.DataError(f"{flag} {source}, row {r['id']}: {e}") from None
-    train, held = [f for f in found if f["split"] == "train"], [f for f in found
-                                                                if f["split"] == "heldout"]
+    train = [f for f in found if f["split"] == "train"]
+    held = [f for f in found if f["split"] == "heldout"]
     return {"rows": found, "prompts": [f["prompt_ids"] for f in train],
             "real_ids": [f["real_ids"] for f in train],
             "heldout_prompts": [f["prompt_ids"] for f in held],

@@ -115,8 +115,8 @@ class Tracker:
             id_file = self.run / "tracker_id"
             if not id_file.exists():
                 checkpoint.write_atomic(id_file, uuid.uuid4().hex[:12])
-            run_id, config = id_file.read_text().strip(), {k: v for k, v in self.config.items()
-                                                           if v is not None}
+            run_id = id_file.read_text().strip()
+            config = {k: v for k, v in self.config.items() if v is not None}
         if "wandb" in self.names:
             import wandb
 
