@@ -55,7 +55,7 @@ def opponent_logps(model, pairs: list[dict], args) -> None:
     replies = [y for p in pairs for y in (p["real_ids"], p["generated_ids"])]
     scored = score_all(model, prompts, replies, 2 * args.per_device_train_batch_size,
                        args.max_prompt_length, args.max_length, args.bf16, "opponent log-probs",
-                       not distributed.bars_off(args), args.padding_free, args.fast_logps)
+                       not distributed.bars_off(args.quiet), args.padding_free, args.fast_logps)
     for p, (real, _), (generated, _) in zip(pairs, scored[0::2], scored[1::2]):
         p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
 
@@ -108,7 +108,7 @@ def train_step(trainer, step_pairs: list[dict], args) -> dict:
     the step's sums over all ranks: loss, rewards, reward accuracy, tokens, pairs."""
     keys = ("loss", "real_reward", "generated_reward", "reward_accuracy", "tokens", "pairs")
     sums = dict.fromkeys(keys, 0.0)
-    micro_batches = distributed.micro_batches(step_pairs, args.per_device_train_batch_size, args)
+    micro_batches = distributed.micro_batches(step_pairs, args.per_device_train_batch_size)
     for k, (batch, weight) in enumerate(micro_batches):  # weight: its share of the step's mean
         policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,)
         device = policy_real_logps.device
@@ -168,12 +168,12 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, run: Ru
         print0(f"iteration {t}: reusing the generated responses in "
                f"{run.file(t, 'synthetic.jsonl')}")
         return pairs
-    shard = distributed.shard(len(run_data.rows), args)  # this rank's prompts
+    shard = distributed.shard(len(run_data.rows))  # this rank's prompts
     done, keep = run.sampled(t, [run_data.rows[i]["id"] for i in shard])
     seed = data.seed(args.seed, "samples", t, args.rank)
     prompts = [run_data.prompts[i] for i in shard]
     samples = gen.generate(model, tokenizer, prompts, gen.Sampling.of_run(args), seed,
-                           not distributed.bars_off(args), done, keep, run_data.stop,
+                           not distributed.bars_off(args.quiet), done, keep, run_data.stop,
                            preemption.requested)
     preemption.stop_if_requested(f"while sampling iteration {t}'s responses (the sampled are kept)")
     pairs = [data.spin_pair(run_data.rows[i], run_data.prompts[i], run_data.real_ids[i], sample, t)
@@ -186,7 +186,7 @@ def opponent_pass(model, train_pairs: list[dict], t: int, args, run: RunDir) -> 
     scores its shard), attached to the pairs; a stopped run's saved values are reused."""
     logps = run.opponent_logps(t, train_pairs)
     if logps is None:
-        shard = distributed.shard(len(train_pairs), args)
+        shard = distributed.shard(len(train_pairs))
         mine = [train_pairs[i] for i in shard]
         opponent_logps(model, mine, args)
         scored = {i: (p["opponent_real_logp"], p["opponent_generated_logp"])
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
         run.complete(t, report.end_iteration(t, model, pairs, train_pairs, history, lr))
         previous = pairs
     report.finish()
-    if args.use_peft and distributed.writer(args):  # for deployment: base + adapter as one model
+    if args.use_peft and distributed.writer():  # for deployment: base + adapter as one model
         adapters.merge(run.file(args.iters - 1, "model"), run.path / "merged")
     run.close()
     distributed.teardown()

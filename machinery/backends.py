@@ -89,7 +89,6 @@ class Zero3:
         self.policy, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(args))
         self.policy.checkpoint_engine = safe_checkpoint_engine()
-        self.args = args
 
     def backward(self, loss, last: bool) -> None:
         # gradients are reduced at the step's last micro-batch
@@ -107,13 +106,13 @@ class Zero3:
         checkpoint code into path.tmp; then rank 0 swaps the whole directory in. The scheduler,
         the step and the RNG travel as DeepSpeed's client state."""
         tmp = path.with_name(path.name + ".tmp")
-        if distributed.writer(self.args):
+        if distributed.writer():
             shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier()
         self.policy.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False, client_state={
             "step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
         distributed.barrier()  # every rank's files are written
-        if distributed.writer(self.args):
+        if distributed.writer():
             checkpoint.replace_dir(tmp, path)
         distributed.barrier()
 
@@ -136,7 +135,7 @@ class Zero3:
         directory. With --use_peft only the adapters are saved, so only they are gathered."""
         import deepspeed
 
-        writes, state, copies = distributed.writer(args), {}, {}
+        writes, state, copies = distributed.writer(), {}, {}
         for prefix, module in self.policy.module.named_modules():
             own = [(name, p) for name, p in module.named_parameters(recurse=False)
                    if p.requires_grad or not args.use_peft]

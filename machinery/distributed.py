@@ -36,42 +36,42 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def several_nodes(args) -> bool:
+def several_nodes() -> bool:
     """Whether the ranks span more than one machine: torchrun and accelerate say how many ranks this
     node runs in LOCAL_WORLD_SIZE, the deepspeed launcher in LOCAL_SIZE."""
     local = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
-    return local is not None and int(local) < args.world_size
+    return local is not None and int(local) < world()[1]
 
 
 _own_copies: list[bool] = []  # [True] when every node keeps its own copy of the run directory
 
 
-def find_shared_disk(args, run: Path) -> None:
+def find_shared_disk(run: Path) -> None:
     """With several nodes, find out whether --output_dir is one shared directory or a copy on each
     node's own disk: rank 0 writes a probe file into its directory and every rank looks for it in
     its own. Creates the directory (on rank 0). Sets what writer() answers for the rest of the run.
     (A probe left by a kill is ignored by checkpoint.RunDir.)"""
     _own_copies.clear()
-    if not several_nodes(args):
+    if not several_nodes():
         return
     import uuid
 
-    probe = f".probe-{uuid.uuid4().hex}" if args.rank == 0 else None
+    probe = f".probe-{uuid.uuid4().hex}" if world()[0] == 0 else None
     barrier()  # every rank has looked at its directory before the probe appears
-    if args.rank == 0:
+    if world()[0] == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / probe).write_text("")
     seen = all_gather([(run / broadcast(probe)).exists()])
     barrier()
-    if args.rank == 0:
+    if world()[0] == 0:
         (run / probe).unlink()
     _own_copies.append(not all(seen))
 
 
-def writer(args) -> bool:
+def writer() -> bool:
     """Whether this rank writes the run directory's files: rank 0 when every rank sees the same
     directory (one node, or a shared file system), else each node's first rank into its own copy."""
-    return local_rank() == 0 if _own_copies == [True] else args.rank == 0
+    return local_rank() == 0 if _own_copies == [True] else world()[0] == 0
 
 
 def broadcast(value):
@@ -98,10 +98,10 @@ def print0(*values, **kwargs) -> None:
         print(*values, **kwargs)
 
 
-def bars_off(args) -> bool | None:
+def bars_off(quiet: bool) -> bool | None:
     """tqdm's disable: off with --quiet and on every rank but 0; None lets tqdm turn them off when
     stderr is not a terminal."""
-    return True if args.quiet or args.rank != 0 else None
+    return True if quiet or world()[0] != 0 else None
 
 
 def start(args, relaunch: bool) -> None:
@@ -113,22 +113,24 @@ def start(args, relaunch: bool) -> None:
     setup(args)
 
 
-def shard(n: int, args) -> list[int]:
+def shard(n: int) -> list[int]:
     """This rank's share of n items: items rank, rank + world, rank + 2·world, ..."""
-    return list(range(args.rank, n, args.world_size))
+    rank, size = world()
+    return list(range(rank, n, size))
 
 
-def micro_batches(step_pairs: list, size: int, args) -> list[tuple[list, float]]:
+def micro_batches(step_pairs: list, size: int) -> list[tuple[list, float]]:
     """This rank's micro-batches of one optimizer step (its shard, `size` pairs each), with each
     one's weight: the factor that turns its loss sum into its share of the step's mean over all
     ranks. Every rank runs the same number (ZeRO-3 gathers weights in each forward, a
     collective): a rank short of pairs in the last step runs one pair with weight 0."""
-    mine = step_pairs[args.rank::args.world_size]
-    count = math.ceil(math.ceil(len(step_pairs) / args.world_size) / size)
+    rank, ranks = world()
+    mine = step_pairs[rank::ranks]
+    count = math.ceil(math.ceil(len(step_pairs) / ranks) / size)
     out = []
     for k in range(count):
         batch = mine[k * size:(k + 1) * size]
-        out.append((batch, args.world_size / len(step_pairs)) if batch else (step_pairs[:1], 0.0))
+        out.append((batch, ranks / len(step_pairs)) if batch else (step_pairs[:1], 0.0))
     return out
 
 

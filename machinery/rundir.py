@@ -36,9 +36,9 @@ class RunDir:
             raise checkpoint.RunDirError(f"--output_dir {self.path} is a non-empty directory that "
                                          f"is not a SPIN run; choose another")
         # several nodes: one directory, or a copy on each
-        distributed.find_shared_disk(args, self.path)
+        distributed.find_shared_disk(self.path)
         # rank 0, or each node's first rank into its own copy
-        self.writer = distributed.writer(args)
+        self.writer = distributed.writer()
         if found and self.writer:
             checkpoint.lock(self.path)  # one run per directory, before reading its state
         self.new = not found

@@ -39,7 +39,7 @@ class Steps:
             # steps logged after the checkpoint are redone
             checkpoint.write_jsonl(self.metrics, self.history)
         self.bar = tqdm(total=total, initial=self.first, desc=f"train iteration {iteration}",
-                        unit="step", disable=distributed.bars_off(args))
+                        unit="step", disable=distributed.bars_off(args.quiet))
 
     def done(self, step: int) -> bool:
         """Whether `step` was trained before a stop (the resumed state comes after it)."""

@@ -8,6 +8,7 @@ PAPER = {"spin", "generate", "loss", "data"}  # Algorithm 1, line 3, Eq. 4.7 and
 BUILDING_BLOCKS = {"generate", "loss", "data"}  # what the loop stands on; they stand on nothing of ours
 TOP = PAPER | {"toy"}  # toy.py: the embedded toy, a teaching file
 PACKAGE = "machinery"
+SCRIPTS = {"benchmarks", "experiments", "docs"}  # run as `python -m benchmarks.smoke`; nothing imports them
 
 
 def python_files() -> list[Path]:
@@ -36,7 +37,9 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
 def test_the_top_level_is_the_paper_and_one_package():
     assert {p.stem for p in ROOT.glob("*.py")} == TOP
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert packages == {PACKAGE}
+    assert packages == {PACKAGE} | SCRIPTS
+    library = [*ROOT.glob("*.py"), *(ROOT / PACKAGE).glob("*.py")]
+    assert not {m.split(".")[0] for p in library for m in imports(p)} & SCRIPTS
     assert {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))} >= \
         {"machinery", "tests", "docs", "benchmarks", "experiments", "configs"}
 
