@@ -87,24 +87,24 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling = Sa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # top_k=0: transformers' own default (50) would cut the distribution. Every other field that
     # shapes sampling is neutral because the model's generation_config is set aside (sample_batch).
-    s = sampling
-    drawn = dict(temperature=s.temperature, top_p=s.top_p, top_k=0) if s.do_sample else {}
-    config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+    how = sampling
+    drawn = dict(temperature=how.temperature, top_p=how.top_p, top_k=0) if how.do_sample else {}
+    config = GenerationConfig(max_new_tokens=how.max_new_tokens, do_sample=how.do_sample,
                               eos_token_id=sorted(stop), pad_token_id=pad, **drawn)
     # Prompts of similar length share a batch: less padding. The order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results: list[dict] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt",
                disable=None if progress else True)  # None: off when stderr is not a terminal
-    for number, start in enumerate(range(0, len(order), s.batch_size)):
-        batch = order[start:start + s.batch_size]
+    for number, start in enumerate(range(0, len(order), how.batch_size)):
+        batch = order[start:start + how.batch_size]
         if should_stop and should_stop():
             break
         if all(i in done for i in batch):  # sampled before a stop: kept
             fresh = [done[i] for i in batch]
         else:
             torch.manual_seed(data.seed(seed, "batch", 0, batch=number))  # a rerun repeats a batch
-            replies = sample_batch(model, [prompts[i] for i in batch], config, s.bf16)
+            replies = sample_batch(model, [prompts[i] for i in batch], config, how.bf16)
             fresh = [ended_reply(new, stop, tokenizer) for new in replies]
             if on_batch:
                 on_batch(batch, fresh)
