@@ -217,6 +217,13 @@ def _normalize(i: int, record, turn: str) -> dict:
     return {"id": i, "messages": context, "response": response}  # id: the row's place in the source
 
 
+def subsample(rows: list, n: int, seed: int) -> list:
+    """n of the rows drawn with `seed`, in their order (all of them when n is not smaller)."""
+    if n >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
 def cut_prompt(prompt_ids: list[int], max_prompt_length: int) -> list[int]:
     """A prompt cut to --max_prompt_length from the left: its end, the assistant header the reply
     follows, is kept. The one place a prompt is cut (training, scoring, sampling, held-out)."""

@@ -152,9 +152,9 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
 
 
 def main(argv=None) -> None:
-    from machinery import cli, models  # the command line's own entry: flags and model loading
+    from machinery import flags, models  # the command line's own entry: flags and model loading
 
-    p = cli.ArgumentParser(description="Sample one response per prompt from a model.")
+    p = flags.ArgumentParser(description="Sample one response per prompt from a model.")
     p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
     p.add_argument("--data", required=True,
                    help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system_prompt",
                    help="insert a system turn with this text before conversations that have none")
-    p.add_argument("--chat_template_kwargs", type=cli.json_object, metavar="JSON",
+    p.add_argument("--chat_template_kwargs", type=flags.json_object, metavar="JSON",
                    help="chat template keyword arguments, e.g. '{\"enable_thinking\": false}'")
     args = p.parse_args(argv)
     try:

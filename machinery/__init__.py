@@ -1,7 +1,8 @@
 """What it takes to run SPIN for real, below the paper's files (spin.py, generate.py, loss.py,
 data.py):
 
-    cli, recipes      the command line: Hugging Face's flag names, the paper's recipe, validation
+    flags, cli, recipes
+                      the command line: Hugging Face's flag names, the paper's recipe, validation
     prepare           the model, the data and their tokens, checked before anything is written
     rundir, checkpoint, steps, preemption
                       the run directory: what is done, resume after a kill or a scheduler's signal

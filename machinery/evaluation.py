@@ -50,10 +50,7 @@ def heldout_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
         held = data.load_rows(source, args.eval_split, args.turn, "--eval_dataset",
                               args.dataset_revision if same else None,
                               args.dataset_config if same else None)
-        if len(held) > args.eval_samples:
-            chosen = random.Random(args.seed).sample(range(len(held)), args.eval_samples)
-            held = [held[i] for i in sorted(chosen)]
-        return rows, held
+        return rows, data.subsample(held, args.eval_samples, args.seed)
     n = min(args.eval_samples, len(rows) // 10)
     chosen = set(random.Random(args.seed).sample(range(len(rows)), n))
     return ([r for i, r in enumerate(rows) if i not in chosen],

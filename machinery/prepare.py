@@ -4,7 +4,6 @@ and what the log says about them. Bad input fails here, as one line naming the f
     tokenizer, model, run_data, token_rows = prepare(args, run)    # spin.main, before run.begin
 """
 import json
-import random
 from pathlib import Path
 
 import data
@@ -46,9 +45,8 @@ def prepare(args, run):
     rows = data.load_rows(args.dataset, args.dataset_split, args.turn, "--dataset",
                           args.dataset_revision, args.dataset_config)
     rows, heldout_rows = evaluation.heldout_rows(rows, args)  # prompts that training never sees
-    if args.max_samples and args.max_samples < len(rows):
-        chosen = random.Random(args.seed).sample(range(len(rows)), args.max_samples)
-        rows = [rows[i] for i in sorted(chosen)]
+    if args.max_samples:
+        rows = data.subsample(rows, args.max_samples, args.seed)
     if args.eval_tasks:
         evaluation.check_tasks(args)
     chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs,
