@@ -104,7 +104,7 @@ ENTRIES = [
       C("spin.py", "train", "trainer.step(")]),
     ("Output: θ_T (each θ_{t+1} is saved, and is the next opponent)", r"\theta_T",
      [C("spin.py", "main", "trainer.save_model(")]),
-    "## Section 5: theory, checked exactly on a tabular policy",
+    "## Section 5: theory, checked on a tabular policy",
     ("Theorem 5.2: θ_t is a global minimum of L_SPIN(·, θ_t) iff p_θt = p_data; then the loss is "
      "ℓ(0)",
      r"p_{\theta_t}(\cdot|x) = p_{data}(\cdot|x) \;\Longrightarrow\; L_{SPIN}(\theta, \theta_t) "
