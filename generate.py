@@ -141,6 +141,12 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
     # generate() fills every field left unset from model.generation_config (a repetition penalty,
     # top_k, ...): with a blank one in its place, y' ~ p_θt exactly as the flags say.
     own, model.generation_config = model.generation_config, GenerationConfig()
+    # Under bf16, hidden states in bf16 from the embedding on, as bf16 weights (ZeRO-3's opponent)
+    # make them. With float32 weights under autocast they stay float32, and so do RoPE's cos and
+    # sin (transformers computes them in the hidden states' dtype): q and k came out float32, the
+    # KV cache held float32 keys beside bf16 values (1.5× its memory), cast at every decode step.
+    cast = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, out: out.to(torch.bfloat16)) if bf16 else None
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             output = model.generate(input_ids=input_ids.to(device),
@@ -148,6 +154,8 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
                                     generation_config=config)  # (B, T + new)
     finally:
         model.generation_config = own
+        if cast:
+            cast.remove()
     return output[:, width:].tolist()  # one copy to the host per batch
 
 

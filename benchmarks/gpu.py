@@ -1,7 +1,8 @@
 """One SPIN iteration on one GPU, phase by phase, with the paper's recipe settings: a randomly
 initialised Zephyr-architecture model (MistralForCausalLM) scaled to ~1B parameters, the
 zephyr-7b-sft-full recipe's flags (bf16, packed rows, gradient checkpointing, λ 0.1, RMSProp),
-SDPA attention, on prompts and replies whose lengths are shaped like UltraChat's (log-normal, cut as
+the recipe's attention where it runs (FlashAttention-2, else SDPA: the first line says which), on
+prompts and replies whose lengths are shaped like UltraChat's (log-normal, cut as
 the recipe cuts them), through the project's own phase functions: generation (generate.generate),
 the opponent pass (spin.opponent_logps) and training (spin.train), first plain PyTorch (float32
 weights under bf16 autocast), then --deepspeed configs/ds_zero3.json on the same GPU (bf16 weights,
@@ -47,6 +48,15 @@ ZEPHYR_NON_EMBEDDING = 7.24e9 - 32000 * 4096  # the input embedding is a lookup,
 LINK_GBPS = 150
 # dense, NVIDIA's data sheets
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def attention() -> str:
+    """The recipe's attention, FlashAttention-2, where flash-attn is installed and runs on this GPU
+    (cli.flash_attention_fault: one call, forward and backward); else SDPA."""
+    from machinery import cli
+
+    runs = cli.flash_attention_available() and cli.flash_attention_fault() is None
+    return "flash_attention_2" if runs else "sdpa"
 
 
 def peak_flops() -> float | None:
@@ -110,7 +120,8 @@ def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
     distributed.setup(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    config = MistralConfig(**SIZES[size], max_position_embeddings=4096, attn_implementation="sdpa")
+    config = MistralConfig(**SIZES[size], max_position_embeddings=4096,
+                           attn_implementation=args.attn_implementation)
     model = MistralForCausalLM(config).to(spin.weights_dtype(args)).to(device)
     parameters = sum(p.numel() for p in model.parameters())
     non_embedding = parameters - model.get_input_embeddings().weight.numel()
@@ -209,12 +220,13 @@ def main(argv=None) -> None:
     rows = ultrachat_shaped(args.prompts or (16 if args.tiny else 256), SIZES[size]["vocab_size"],
                             scale)
     accumulation = 2 if args.tiny else 8  # 8 × 8 = the recipe's global batch 64 on one GPU
+    attn = attention()
     common = ["--max_prompt_length", str(int(512 * scale)), "--max_length", str(int(1024 * scale)),
               "--max_new_tokens", str(int(256 * scale)), "--generation_batch_size", "64",
               "--num_train_epochs", "2",
               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps",
               str(accumulation),
-              "--global_batch_size", str(8 * accumulation), "--attn_implementation", "sdpa",
+              "--global_batch_size", str(8 * accumulation), "--attn_implementation", attn,
               # CPU: float32
               *(["--no-bf16"] if args.tiny and not torch.cuda.is_available() else [])]
     peak = peak_flops()
@@ -223,6 +235,7 @@ def main(argv=None) -> None:
           f"{peak / 1e12:.0f} "
           f"TFLOP/s" if peak else f"{device}; model {SIZES[size]}; {len(rows)} prompts; no MFU "
                                   f"(unknown peak)")
+    print(f"attention: {attn}")
     print("| run | phase | tokens | seconds | tokens/s | peak memory GiB | MFU |")
     print("|---|---|---|---|---|---|---|")
     results = {}

@@ -228,6 +228,7 @@ def validate(args) -> None:
         if not ok:
             raise UsageError(message)
     check_packages(args)
+    check_cuda_path(args)
     if args.deepspeed:
         check_deepspeed_precision(args)
     check_adapters(args)
@@ -308,3 +309,41 @@ def check_deepspeed_precision(args) -> None:
                          f"{'on' if args.bf16 else 'off'}: pass "
                          f"{'--bf16' if bf16 else '--no-bf16'}, or set \"enabled\": \"auto\" in "
                          f"the config")
+
+
+def check_cuda_path(args) -> None:
+    """What would fail on a GPU only after the model has loaded and the run directory exists,
+    refused in one line before: --deterministic with top-p sampling, and a FlashAttention-2
+    that is installed but cannot run here."""
+    if args.deterministic and not args.greedy and args.top_p < 1:
+        # transformers' top-p warper sums the sorted probabilities with torch.cumsum
+        # (generation/logits_process.py), which torch.use_deterministic_algorithms refuses on
+        # CUDA for floats (torch's docstring lists it); the same rule on every device
+        raise UsageError(f"--deterministic with --top_p {args.top_p}: top-p sampling runs "
+                         f"torch.cumsum, which has no deterministic CUDA kernel; use --top_p 1 "
+                         f"(the recipes' value) or leave out --deterministic")
+    if args.attn_implementation == "flash_attention_2":
+        fault = flash_attention_fault()
+        if fault:
+            raise UsageError(f"--attn_implementation flash_attention_2: flash-attn fails on this "
+                             f"machine ({fault}); reinstall it for torch {torch.__version__} "
+                             f"(pip install flash-attn --no-build-isolation) or pass --attn_implementation "
+                             f"sdpa")
+
+
+def flash_attention_fault() -> str | None:
+    """FlashAttention-2 run once, forward and backward, on a tiny bf16 input on this rank's GPU:
+    None where it runs, else the first line of what it raised. transformers checks only the
+    package's metadata, so a wheel built for another torch (an undefined symbol at import) or
+    without kernels for this GPU would fail inside the first attention call instead."""
+    try:
+        from flash_attn import flash_attn_func
+
+        device = torch.device("cuda", distributed.local_rank())
+        q, k, v = (torch.randn(1, 4, 2, 64, dtype=torch.bfloat16, device=device,
+                               requires_grad=True) for _ in range(3))  # (B, T, heads, head dim)
+        flash_attn_func(q, k, v, causal=True).sum().backward()
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - whatever it raises, a run could not use it
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None

@@ -4,7 +4,7 @@ method; how its recipe (8×A100, ZeRO-3, arXiv 2401.01335v3 §5.1) runs.
     deepspeed --num_gpus 8 spin.py --model zephyr-7b-sft-full             # one node
     deepspeed --hostfile hosts spin.py --model zephyr-7b-sft-full          # several nodes
     torchrun --nproc_per_node 8 spin.py --model zephyr-7b-sft-full --deepspeed configs/ds_zero3.json
-    python spin.py --model zephyr-7b-sft-full     # several GPUs visible: relaunches itself as above
+    python spin.py --model zephyr-7b-sft-full     # several GPUs visible: relaunches itself (torchrun)
 
 Each rank samples its shard of the prompts (prompt i goes to rank i % world) with a full
 inference copy of the opponent, and scores its shard of the training pairs; the shards meet through
@@ -20,6 +20,7 @@ TensorBoard). Without --deepspeed and with one process, every function here is a
 """
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,12 +84,42 @@ def broadcast(value):
     return holder[0]
 
 
-def relaunch_command(argv: list[str], num_gpus: int) -> list[str] | None:
-    """`python spin.py ...` on a machine with several GPUs and --deepspeed becomes
-    `deepspeed --num_gpus N spin.py ...`, so that the user's command works as written."""
+def relaunch_command(argv: list[str], num_gpus: int,
+                     executable: str = sys.executable) -> list[str] | None:
+    """`python spin.py --deepspeed ...` with N > 1 GPUs visible becomes one process per visible GPU,
+    `python -m torch.distributed.run --standalone --nproc_per_node N spin.py ...` (torchrun), run by
+    the interpreter that runs this one (no launcher looked up on PATH), so that the user's command
+    works as written. torchrun leaves CUDA_VISIBLE_DEVICES as it is: with 4,5,6,7 the ranks see
+    those GPUs as cuda:0..3 and rank r takes cuda:LOCAL_RANK (device), physical GPU 4 + r. (The
+    deepspeed launcher does not: given --num_gpus N it deletes CUDA_VISIBLE_DEVICES and takes GPUs
+    0..N-1, and given nothing it turns the variable into --include localhost:4,5,6,7, which it
+    parses as integers only (deepspeed/launcher/runner.py, 0.19.8): GPU UUIDs fail.) --standalone
+    rendezvouses on a free port, so that two runs on one shared node do not meet on port 29500."""
     if num_gpus < 2 or "RANK" in os.environ:
         return None
-    return ["deepspeed", "--num_gpus", str(num_gpus), *argv]
+    return [executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(num_gpus), *argv]
+
+
+def one_gpu_note(deepspeed: str | None, num_gpus: int) -> str | None:
+    """One line where `python spin.py` without --deepspeed sees several GPUs: it trains on one (the
+    plain path is one process; several ranks need ZeRO-3's config, so it does not relaunch)."""
+    if deepspeed or num_gpus < 2 or "RANK" in os.environ:
+        return None
+    return (f"note: {num_gpus} GPUs are visible and this run uses one (cuda:0): pass --deepspeed "
+            f"configs/ds_zero3.json to train on all {num_gpus} (ZeRO-3)")
+
+
+def cpu_build_note(cuda_build: str | None, driver: Path = Path("/proc/driver/nvidia/version"),
+                   nvidia_smi: str | None = shutil.which("nvidia-smi")) -> str | None:
+    """One line where the machine has an NVIDIA driver (its /proc file, or nvidia-smi on PATH) but
+    torch is a CPU build (torch.version.cuda is None), which would run everything on the CPU
+    without a word: `pip install` of a CPU wheel over a CUDA build does exactly that."""
+    if cuda_build is not None or not (driver.exists() or nvidia_smi):
+        return None
+    found = driver if driver.exists() else nvidia_smi
+    return (f"note: this machine has an NVIDIA driver ({found}) but torch {torch.__version__} is a "
+            f"CPU build, so everything runs on the CPU: install a CUDA build of torch to use the GPU")
 
 
 def print0(*values, **kwargs) -> None:
@@ -105,9 +136,14 @@ def bars_off(quiet: bool) -> bool | None:
 
 
 def start(args, relaunch: bool) -> None:
-    """The ranks of a run, before anything else: `python spin.py --deepspeed ...` on a machine with
-    several GPUs relaunches itself over all of them (relaunch: called as a command); every rank
-    takes its device and joins the group (setup)."""
+    """The ranks of a run, before anything else: `python spin.py --deepspeed ...` with several GPUs
+    visible relaunches itself over them (relaunch: called as a command); without --deepspeed it
+    says in one line that it uses one; every rank takes its device and joins the group (setup).
+    Also one line where the machine has an NVIDIA driver that torch cannot use."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for note in (cpu_build_note(torch.version.cuda), one_gpu_note(args.deepspeed, gpus)):
+        if note:
+            print0(note, flush=True)
     if args.deepspeed and relaunch:
         exit_if_relaunched(sys.argv)
     setup(args)
@@ -250,7 +286,11 @@ def device(args) -> torch.device:
 
 
 def exit_if_relaunched(argv: list[str]) -> None:
-    command = relaunch_command(argv, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    """Replace this process by the launcher of one rank per visible GPU (relaunch_command)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    command = relaunch_command(argv, gpus)
     if command:
-        print("relaunching over all GPUs:", " ".join(command), flush=True)
-        os.execvp(command[0], command)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        which = f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""
+        print(f"relaunching over the {gpus} visible GPUs{which}:", " ".join(command), flush=True)
+        os.execv(command[0], command)

@@ -108,6 +108,8 @@ FLAG_CASES = {  # name: (flags, what the message must contain)
     "flash attention on a CPU": (["--attn_implementation", "flash_attention_2", "--bf16"],
                                  "flash_attention_2 needs a CUDA GPU"),
     "flash attention in float32": (["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs --bf16"),
+    "--deterministic with top-p sampling": (["--deterministic", "--top_p", "0.9"],
+                                            "--deterministic with --top_p 0.9: top-p sampling runs torch.cumsum"),
     "deepspeed config in fp16": (["--deepspeed", "{dir}/fp16.json", "--bf16"], "fp16 is enabled; SPIN trains in bf16"),
     "deepspeed config in bf16 without --bf16": (["--deepspeed", "{dir}/bf16.json"],
                                                 "sets bf16 enabled=true but --bf16 is off: pass --bf16"),

@@ -6,6 +6,8 @@ GPU, skipped without one; `python -m benchmarks.smoke` runs them on a GPU (SPIN_
 import argparse
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,6 +97,108 @@ def test_deterministic_turns_on_deterministic_kernels(monkeypatch):
         assert os.environ["FLASH_ATTENTION_DETERMINISTIC"] == "1"  # transformers passes it to flash-attn
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_top_p_sampling_is_refused_and_greedy_or_top_p_1_is_not(tmp_path):
+    """transformers' top-p warper runs torch.cumsum, which raises under deterministic algorithms on CUDA:
+    refused before anything is written (tests/test_bad_input.py), where no cumsum runs it is allowed."""
+    from machinery.cli import UsageError, parse_args
+
+    base = ["--model", str(tmp_path / "model"), "--dataset", "toy", "--output_dir", str(tmp_path / "run"),
+            "--deterministic"]
+    assert parse_args(base + ["--top_p", "0.9", "--greedy"]).deterministic
+    assert parse_args(base).top_p == 1.0
+    with pytest.raises(UsageError, match="torch.cumsum"):
+        parse_args(base + ["--top_p", "0.9"])
+
+
+def test_the_relaunch_is_torchrun_from_this_interpreter(monkeypatch):
+    """No `deepspeed` looked up on PATH (FileNotFoundError outside an activated venv), and no launcher
+    that rewrites CUDA_VISIBLE_DEVICES: the interpreter running spin.py runs torch's own launcher."""
+    monkeypatch.delenv("RANK", raising=False)
+    argv = ["spin.py", "--model", "zephyr-7b-sft-full"]
+    assert distributed.relaunch_command(argv, 4) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", *argv]
+
+
+@pytest.mark.slow
+def test_the_relaunched_ranks_use_exactly_the_visible_gpus(tmp_path, monkeypatch):
+    """CUDA_VISIBLE_DEVICES=6,3, the command relaunch_command builds, run for real: each rank sees 6,3, and
+    its device cuda:LOCAL_RANK (distributed.device) is physical GPU 6 on rank 0 and 3 on rank 1. DeepSpeed's
+    launcher with --num_gpus 2 would have deleted the variable and taken GPUs 0 and 1. The ranks here are
+    a script that prints what the launcher gave it (no GPU on this machine; a few seconds)."""
+    monkeypatch.delenv("RANK", raising=False)
+    probe = tmp_path / "rank.py"
+    probe.write_text("import os\nprint(os.environ['RANK'], os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'], "
+                     "os.environ.get('CUDA_VISIBLE_DEVICES'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    result = subprocess.run(distributed.relaunch_command([str(probe)], 2), env={**env, "CUDA_VISIBLE_DEVICES": "6,3"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = sorted(line.split() for line in result.stdout.splitlines())
+    assert ranks == [["0", "0", "2", "6,3"], ["1", "1", "2", "6,3"]]
+    assert [visible.split(",")[int(local)] for _, local, _, visible in ranks] == ["6", "3"]
+
+
+def test_several_gpus_without_deepspeed_say_so_in_one_line(monkeypatch):
+    """The plain path is one process: `python spin.py` on a node of 8 trains on one GPU, and says so."""
+    monkeypatch.delenv("RANK", raising=False)
+    note = distributed.one_gpu_note(None, 8)
+    assert note.count("\n") == 0 and "8 GPUs are visible" in note and "--deepspeed configs/ds_zero3.json" in note
+    assert distributed.one_gpu_note("configs/ds_zero3.json", 8) is None  # relaunched instead
+    assert distributed.one_gpu_note(None, 1) is None
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.one_gpu_note(None, 8) is None  # launched: several ranks without --deepspeed are refused
+
+
+def test_a_cpu_build_of_torch_beside_an_nvidia_driver_says_so_in_one_line(tmp_path):
+    driver = tmp_path / "version"  # what /proc/driver/nvidia/version is on a machine with the driver
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15\n")
+    note = distributed.cpu_build_note(None, driver, nvidia_smi=None)
+    assert note.count("\n") == 0 and str(driver) in note and "is a CPU build" in note
+    assert distributed.cpu_build_note(None, tmp_path / "absent", nvidia_smi="/usr/bin/nvidia-smi") is not None
+    assert distributed.cpu_build_note("12.8", driver, nvidia_smi=None) is None  # a CUDA build
+    assert distributed.cpu_build_note(None, tmp_path / "absent", nvidia_smi=None) is None  # no driver
+
+
+def test_a_flash_attn_that_cannot_run_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A flash-attn wheel built for another torch fails at import with an undefined symbol; transformers
+    checks only the package's metadata. Here a real package that fails the same way, on sys.path, and
+    torch.cuda.is_available standing in for the GPU that FlashAttention-2 needs."""
+    import spin
+
+    package = tmp_path / "site" / "flash_attn"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: '
+                                         'undefined symbol: _ZN3c104cuda9SetDeviceEab")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = tmp_path / "run"
+    code = spin.cli(["--model", str(tmp_path / "model"), "--dataset", "toy", "--output_dir", str(run), "--bf16",
+                     "--attn_implementation", "flash_attention_2", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --attn_implementation flash_attention_2: flash-attn fails") and \
+        "undefined symbol" in err[0]
+    assert not run.exists()
+
+
+def test_under_bf16_the_kv_cache_holds_bf16_keys_and_values(tokenizer):
+    """float32 weights under bf16 autocast (the plain --bf16 path): RoPE's cos/sin took the float32 hidden
+    states' dtype and promoted q and k, so the cache held float32 keys beside bf16 values, 1.5× its size.
+    Sampling now runs bf16 hidden states, as bf16 weights do. Device-independent dtype rules; on CPU."""
+    model = tiny_mistral(tokenizer)
+    caches = []
+    handle = model.register_forward_hook(lambda module, inputs, out: caches.append(out.cache))
+    try:
+        generate.generate(model, tokenizer, [[5, 7, 31, 24], [5, 7]], generate.Sampling(max_new_tokens=3, bf16=True),
+                          seed=0, stop=[2])
+    finally:
+        handle.remove()
+    layers = caches[-1].layers
+    assert len(layers) == 2 and {(layer.keys.dtype, layer.values.dtype) for layer in layers} == {(torch.bfloat16,) * 2}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights themselves are untouched
 
 
 class Ops(TorchDispatchMode):

@@ -65,12 +65,15 @@ def test_global_batch_64_on_any_number_of_gpus(monkeypatch, world, per_device, a
     assert per_device * accumulation * world == 64
 
 
-def test_a_relaunch_on_several_gpus_runs_the_same_command_under_deepspeed(monkeypatch):
+def test_a_relaunch_on_several_gpus_runs_the_same_command_under_torchrun(monkeypatch):
+    import sys
+
     from machinery import distributed
 
     monkeypatch.delenv("RANK", raising=False)
     argv = ["spin.py", "--model", "zephyr-7b-sft-full"]
-    assert distributed.relaunch_command(argv, 8) == ["deepspeed", "--num_gpus", "8", *argv]
+    assert distributed.relaunch_command(argv, 8) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", "8", *argv]
     assert distributed.relaunch_command(argv, 1) is None  # one GPU: no launcher needed
     monkeypatch.setenv("RANK", "0")
     assert distributed.relaunch_command(argv, 8) is None  # already launched
