@@ -327,8 +327,8 @@ def check_cuda_path(args) -> None:
         if fault:
             raise UsageError(f"--attn_implementation flash_attention_2: flash-attn fails on this "
                              f"machine ({fault}); reinstall it for torch {torch.__version__} "
-                             f"(pip install flash-attn --no-build-isolation) or pass --attn_implementation "
-                             f"sdpa")
+                             f"(pip install flash-attn --no-build-isolation) or pass "
+                             f"--attn_implementation sdpa")
 
 
 def flash_attention_fault() -> str | None:

@@ -4,7 +4,7 @@ method; how its recipe (8×A100, ZeRO-3, arXiv 2401.01335v3 §5.1) runs.
     deepspeed --num_gpus 8 spin.py --model zephyr-7b-sft-full             # one node
     deepspeed --hostfile hosts spin.py --model zephyr-7b-sft-full          # several nodes
     torchrun --nproc_per_node 8 spin.py --model zephyr-7b-sft-full --deepspeed configs/ds_zero3.json
-    python spin.py --model zephyr-7b-sft-full     # several GPUs visible: relaunches itself (torchrun)
+    python spin.py --model zephyr-7b-sft-full     # several GPUs visible: relaunches under torchrun
 
 Each rank samples its shard of the prompts (prompt i goes to rank i % world) with a full
 inference copy of the opponent, and scores its shard of the training pairs; the shards meet through
@@ -119,7 +119,7 @@ def cpu_build_note(cuda_build: str | None, driver: Path = Path("/proc/driver/nvi
         return None
     found = driver if driver.exists() else nvidia_smi
     return (f"note: this machine has an NVIDIA driver ({found}) but torch {torch.__version__} is a "
-            f"CPU build, so everything runs on the CPU: install a CUDA build of torch to use the GPU")
+            f"CPU build, so everything runs on the CPU: install a CUDA build of torch to use it")
 
 
 def print0(*values, **kwargs) -> None:
