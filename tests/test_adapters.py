@@ -30,6 +30,7 @@ def lora_run(small_sft_model, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # runs spin.py end to end in a process (lora_run)
 def test_every_iteration_starts_at_log_2_and_trains_only_the_adapters(lora_run, small_sft_model):
     for t in range(2):
         first = read_jsonl(lora_run / f"iter{t}" / "metrics.jsonl")[0]
@@ -56,6 +57,7 @@ def scored(model, pairs, run):
     return torch.tensor([[p["opponent_real_logp"], p["opponent_generated_logp"]] for p in copies])
 
 
+@pytest.mark.slow  # runs spin.py end to end in a process (lora_run)
 def test_the_opponent_of_iteration_1_is_exactly_the_saved_adapter_of_iteration_0(lora_run):
     pairs = read_jsonl(lora_run / "iter1" / "synthetic.jsonl") + read_jsonl(lora_run / "iter0" / "synthetic.jsonl")
     stored = {(s["iteration"], s["id"]): s for s in read_jsonl(lora_run / "iter1" / "opponent_logps.jsonl")}
@@ -67,6 +69,7 @@ def test_the_opponent_of_iteration_1_is_exactly_the_saved_adapter_of_iteration_0
     assert torch.allclose(scored(model, pairs, lora_run), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # runs spin.py end to end in a process (lora_run)
 def test_checkpoints_load_with_peft_and_with_transformers_and_the_merged_model_is_base_plus_adapter(lora_run):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
@@ -84,6 +87,7 @@ def test_checkpoints_load_with_peft_and_with_transformers_and_the_merged_model_i
     assert logps.fused_head(merged) and logps.fused_head(with_peft)  # the fast path serves both
 
 
+@pytest.mark.slow  # starts processes and kills them
 def test_an_adapter_run_stopped_by_sigkill_and_by_sigterm_resumes_to_the_same_adapter_bit_for_bit(
         small_sft_model, tmp_path, lora_run):
     """Killed mid-training in iteration 0 (after its first saved state), run again, stopped by
@@ -122,6 +126,7 @@ def test_bad_adapter_flags_are_one_line_and_exit_2(small_sft_model, tmp_path, ca
     assert not run.exists()
 
 
+@pytest.mark.slow  # runs spin.py end to end in a process (lora_run)
 def test_an_adapter_whose_base_is_gone_is_refused_in_one_line(lora_run, tmp_path, capsys):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import logprobs
@@ -10,6 +11,7 @@ from benchmarks import logprobs
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # starts a process
 def test_the_quick_logprobs_benchmark_runs_and_prints_its_table():
     result = subprocess.run([sys.executable, "-m", "benchmarks.logprobs", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -37,6 +39,7 @@ def test_the_fused_head_keeps_no_logits_for_backward():
     assert torch.allclose(logprobs.fused(hidden, weight, labels), logprobs.naive(hidden, weight, labels), atol=1e-4)
 
 
+@pytest.mark.slow  # starts a process
 def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
     """Quick mode; the first-step loss and rewards of spin.train and TRL's DPOTrainer, policy ≠ opponent."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.trl_compare", "--quick"], cwd=ROOT, capture_output=True,
@@ -48,6 +51,7 @@ def test_the_quick_trl_comparison_runs_and_computes_what_trl_computes():
     assert all(f"\n| {v} |" in result.stdout for v in ("spin", "trl", "trl_precompute"))
 
 
+@pytest.mark.slow  # starts a process
 def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens():
     result = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -56,6 +60,7 @@ def test_the_quick_generation_benchmark_runs_and_both_ways_give_the_same_tokens(
     assert "\n| data-set order |" in result.stdout and "\n| generate.py |" in result.stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
     """benchmarks/gpu.py --tiny on the CPU: the script a GPU session runs, checked to run end to end."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--prompts", "8"], cwd=ROOT,
@@ -67,6 +72,7 @@ def test_the_tiny_gpu_benchmark_runs_every_phase_plain_and_under_zero3():
     assert "iteration 0 (50000 pairs)" in result.stdout and "iteration 1 (100000 pairs)" in result.stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_the_smoke_test_passes_every_check_on_the_cpu():
     """benchmarks/smoke.py in its CPU mode: the one command a GPU session runs first, checked to run."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.smoke"], cwd=ROOT, capture_output=True, text=True,
@@ -77,6 +83,7 @@ def test_the_smoke_test_passes_every_check_on_the_cpu():
     assert "all 21 weights equal bit for bit" in result.stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_the_quick_memory_benchmark_compares_full_lora_and_qlora():
     """benchmarks/memory.py --quick: the configurations run (QLoRA on a GPU only), adapters train fewer."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--quick"], cwd=ROOT, capture_output=True,

@@ -20,6 +20,9 @@ from machinery import prepare
 from conftest import read_jsonl, toy_run
 from real_parts import TRL_TEMPLATES, ZEPHYR, chitchat_rows, smollm2_gguf, vocab_tokenizer
 
+# real tokenizers and the packaged real model (tests/real_parts.py), spin.py end to end
+pytestmark = pytest.mark.slow
+
 FAMILIES = {  # name: tokenizer, template, EOS to set, generation_config eos ids, flags, the end-of-turn token
     # the recipe's own family: Mistral's SentencePiece vocabulary with zephyr's template and its empty system turn
     "zephyr (Mistral SentencePiece)": ("llama-spm", ZEPHYR, None, [2], ["--system_prompt", ""], "</s>"),

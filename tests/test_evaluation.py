@@ -91,6 +91,7 @@ def test_heldout_rows_are_taken_out_of_the_training_data():
     assert {r["messages"][0]["content"] for r in held} <= {r["messages"][0]["content"] for r in data.toy_rows("test")}
 
 
+@pytest.mark.slow  # needs lm_eval (requirements-eval.txt)
 def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(small_sft_model, tmp_path):
     """A task made here over a local data file: half its targets are the model's own greedy answers
     (from generate.py), half are not, so the real harness must report exactly 0.5."""
@@ -124,6 +125,7 @@ def run(small_sft_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # runs spin.py end to end (the run fixture)
 def test_every_model_has_a_row_of_heldout_numbers(run):
     rows = read_jsonl(run / "evaluation.jsonl")
     assert [(r["model"], r["path"]) for r in rows] == [(0, "start"), (1, "iter0/model"), (2, "iter1/model")]
@@ -140,6 +142,7 @@ def test_every_model_has_a_row_of_heldout_numbers(run):
     assert [r["eval_loss"] for r in iterations] == [r["eval_loss"] for r in rows[1:]]
 
 
+@pytest.mark.slow  # runs spin.py end to end (the run fixture)
 def test_the_plot_gets_every_step_and_every_model(run):
     steps = read_jsonl(run / "iter0" / "metrics.jsonl") + read_jsonl(run / "iter1" / "metrics.jsonl")
     rows = read_jsonl(run / "evaluation.jsonl")
@@ -166,6 +169,7 @@ def test_plot_of_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "spin.png").exists()
 
 
+@pytest.mark.slow  # runs spin.py end to end (the run fixture)
 def test_tensorboard_event_files_hold_every_step_and_every_evaluation(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -199,6 +203,7 @@ def test_a_model_card_names_the_model_it_was_trained_from_when_the_hub_can():
     assert later.data.base_model is None and "The opponent of this iteration was iter0/model" in later.text
 
 
+@pytest.mark.slow  # runs spin.py end to end (the run fixture)
 def test_each_model_directory_has_a_model_card_saying_how_it_was_made(run):
     row = read_jsonl(run / "iterations.jsonl")[1]
     card = (run / "iter1" / "model" / "README.md").read_text()
@@ -235,6 +240,7 @@ def wandb_history(run_file: Path) -> list[dict]:
     return records
 
 
+@pytest.mark.slow  # runs spin.py end to end; needs the trackers (requirements-eval.txt)
 def test_a_continued_run_extends_every_trackers_steps_without_repeating_any(small_sft_model, tmp_path, monkeypatch):
     """TensorBoard, wandb (offline: its run file) and trackio (its local database) get the same numbers
     on the same step axis, and a continued run extends the same wandb and trackio runs."""

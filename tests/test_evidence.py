@@ -19,6 +19,7 @@ def fast(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # runs the toy experiment end to end
 def test_every_spin_iteration_starts_at_log_2(fast):
     for run in [fast / "seed0-spin", *fast.glob("protocol-spin-*")]:
         for t in range(2):
@@ -26,6 +27,7 @@ def test_every_spin_iteration_starts_at_log_2(fast):
             assert first == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.slow  # runs the toy experiment end to end
 def test_continued_sft_gets_exactly_spins_optimizer_steps_and_the_outputs_exist(fast):
     results = json.loads((fast / "results.json").read_text())
     [run] = results["runs"]

@@ -43,6 +43,7 @@ def hub(tmp_path, monkeypatch):
     return stand_in
 
 
+@pytest.mark.slow  # runs spin.py end to end
 def test_each_completed_iteration_is_one_commit_with_its_model_card_and_the_plot(small_sft_model, tmp_path, hub):
     """Iteration 0 run without --push_to_hub; the run extended to 2 iterations with it pushes iteration 0
     first (complete, not pushed), then iteration 1 when it completes; a third start pushes nothing."""

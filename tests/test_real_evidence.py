@@ -18,6 +18,7 @@ def fast(real_evidence_fast):
     return real_evidence_fast
 
 
+@pytest.mark.slow  # loads the packaged real model and runs it end to end
 def test_the_sft_start_is_the_epoch_with_the_lowest_validation_loss(fast):
     curve = json.loads((fast / "sft_curve.json").read_text())
     [chosen] = [c for c in curve if c["chosen"]]
@@ -25,6 +26,7 @@ def test_the_sft_start_is_the_epoch_with_the_lowest_validation_loss(fast):
     assert [c["epoch"] for c in curve] == list(range(len(curve))) and len(curve) >= 2
 
 
+@pytest.mark.slow  # loads the packaged real model and runs it end to end
 def test_spin_starts_every_iteration_at_log_2_and_sft_gets_exactly_its_steps(fast):
     results = json.loads((fast / "results.json").read_text())
     [run] = results["runs"]
@@ -38,6 +40,7 @@ def test_spin_starts_every_iteration_at_log_2_and_sft_gets_exactly_its_steps(fas
     assert len(run["replies"]["spin"]) == len(run["replies"]["sft"]) == 3
 
 
+@pytest.mark.slow  # loads the packaged real model and runs it end to end
 def test_the_splits_are_disjoint_and_spin_prompts_come_from_the_sft_pool(fast):
     texts = {name: [tuple(m["content"] for m in r["messages"]) for r in read_jsonl(fast / "data" / f"{name}.jsonl")]
              for name in ("pool", "prompts", "validation", "test")}  # (first turn, human reply) of each conversation

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import read_jsonl, toy_run
 
+pytestmark = pytest.mark.slow  # starts processes, kills them, runs spin.py end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()),
        "OMP_NUM_THREADS": "1",  # one thread: the float sums are the same from run to run

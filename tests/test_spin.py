@@ -23,6 +23,7 @@ def two_iterations(small_sft_model, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # runs spin.py end to end (two_iterations)
 def test_a_runs_config_json_is_a_config_file_that_repeats_the_run(two_iterations, capsys):
     recorded = json.loads((two_iterations / "config.json").read_text())
     args = spin.parse_args(["--config", str(two_iterations / "config.json")])
@@ -31,6 +32,7 @@ def test_a_runs_config_json_is_a_config_file_that_repeats_the_run(two_iterations
     assert "iterations 0..1 are complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # runs spin.py end to end (two_iterations)
 def test_each_iteration_saves_a_model_that_from_pretrained_loads(two_iterations, small_sft_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +47,7 @@ def test_each_iteration_saves_a_model_that_from_pretrained_loads(two_iterations,
         previous = weights
 
 
+@pytest.mark.slow  # runs spin.py end to end (two_iterations)
 def test_synthetic_data_loads_with_datasets_and_as_a_spin_data_set(two_iterations):
     import datasets
 
@@ -57,6 +60,7 @@ def test_synthetic_data_loads_with_datasets_and_as_a_spin_data_set(two_iteration
         assert [r["response"] for r in again] == [r[-1]["content"] for r in rows["real"]]
 
 
+@pytest.mark.slow  # runs spin.py end to end (two_iterations)
 def test_the_first_step_of_every_iteration_has_loss_log2_and_zero_rewards(two_iterations):
     metrics = read_jsonl(two_iterations / "iter0" / "metrics.jsonl") + read_jsonl(two_iterations / "iter1" / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0] * 7 + [1] * 13  # 200 pairs, then 200 + 200 (t−1 mixed in)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import TOY_RUN, read_jsonl
 
+pytestmark = pytest.mark.slow  # DeepSpeed launches (two CPU ranks) and killed processes
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}, "HF_HUB_OFFLINE": "1",
        "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, also where GPUs exist
