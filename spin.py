@@ -1,10 +1,11 @@
-"""SPIN, Algorithm 1 of arXiv 2401.01335v3 (Self-Play Fine-Tuning), as one visible loop.
+"""SPIN, Algorithm 1 of arXiv 2401.01335v3 (Self-Play Fine-Tuning), as one visible loop; the
+numbers on the left are the paper's lines of Algorithm 1 (2 to 4: for i, generate, end for).
 
-    for t in 0 .. iters-1:
-        y'  ~ p_θt(·|x) for every prompt x of the SFT data     (sample_pairs: the frozen opponent)
-        log p_θt(y|x), log p_θt(y'|x), once for the iteration   (opponent_pass: no second model)
-        θ_{t+1} = argmin_θ L_SPIN(θ, θ_t)  on (x, y, y')         (train: loss.py, Eq. 4.7)
-        θ_{t+1} is the next opponent
+    1    for t in 0 .. iters-1:
+    2-4      y' ~ p_θt(·|x) for every prompt x of the SFT data    (sample_pairs: frozen opponent)
+             log p_θt(y|x), log p_θt(y'|x), once per iteration    (opponent_pass: no second model)
+    5        θ_{t+1} = argmin_θ L_SPIN(θ, θ_t) on (x, y, y')      (train: loss.py, Eq. 4.7)
+    6        θ_{t+1} is the next opponent                         (end for)
 
     python spin.py                                        # the embedded toy, offline, CPU, ~2 min
     python spin.py --model zephyr-7b-sft-full --iters 4   # the paper's recipe (GPUs)
@@ -31,7 +32,7 @@ from loss import spin_loss
 from machinery import adapters, backends, distributed, preemption
 from machinery.cli import pairs_per_step, parse_args, run_config, run_main
 from machinery.distributed import print0
-from machinery.logps import score, score_all
+from machinery.logps import Scoring, score
 from machinery.models import load_model
 from machinery.prepare import prepare, redraw, weights_dtype
 from machinery.report import Report
@@ -39,25 +40,37 @@ from machinery.rundir import RunDir
 from machinery.steps import Steps
 
 
-def pair_logps(model, pairs: list[dict], args):
-    """log p_θ(y|x) and log p_θ(y'|x) of a batch of pairs, real and generated in ONE forward."""
+def pair_batch(pairs: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """The one layout of a batch of B pairs, for the opponent pass and for training alike:
+    2B rows, the B real responses y first, then the B generated y' in the same order."""
     prompts = [p["prompt_ids"] for p in pairs] * 2
     replies = [p["real_ids"] for p in pairs] + [p["generated_ids"] for p in pairs]
-    logps, _ = score(model, prompts, replies, args.max_prompt_length, args.max_length, args.bf16,
-                     args.padding_free, args.fast_logps)  # (2B,)
+    return prompts, replies
+
+
+def pair_logps(model, pairs: list[dict], scoring: Scoring):
+    """log p(y|x) and log p(y'|x) of a batch of pairs, real and generated in ONE forward."""
+    prompts, replies = pair_batch(pairs)
+    logps, _ = score(model, prompts, replies, scoring)  # (2B,)
     return logps[: len(pairs)], logps[len(pairs):]  # (B,) real, (B,) generated
 
 
+@torch.no_grad()
 def opponent_logps(model, pairs: list[dict], args) -> None:
     """Store log p_θt(y|x) and log p_θt(y'|x) with every pair: the opponent is frozen for the whole
-    iteration, so this one pass replaces the reference model that DPO-style trainers keep."""
-    prompts = [p["prompt_ids"] for p in pairs for _ in (0, 1)]  # y and y' of a pair in one batch
-    replies = [y for p in pairs for y in (p["real_ids"], p["generated_ids"])]
-    scored = score_all(model, prompts, replies, 2 * args.per_device_train_batch_size,
-                       args.max_prompt_length, args.max_length, args.bf16, "opponent log-probs",
-                       not distributed.bars_off(args.quiet), args.padding_free, args.fast_logps)
-    for p, (real, _), (generated, _) in zip(pairs, scored[0::2], scored[1::2]):
-        p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
+    iteration, so this one pass replaces the reference model that DPO-style trainers keep. The
+    batches are the training batches' layout (pair_batch), per_device_train_batch_size pairs."""
+    from tqdm import tqdm
+
+    model.eval()
+    scoring, size = Scoring.of_run(args), args.per_device_train_batch_size
+    bars = distributed.bars_off(args.quiet)
+    for start in tqdm(range(0, len(pairs), size), desc="opponent log-probs", disable=bars):
+        batch = pairs[start:start + size]
+        opponent_real_logps, opponent_generated_logps = pair_logps(model, batch, scoring)  # (b,)
+        for p, real, generated in zip(batch, opponent_real_logps.tolist(),
+                                      opponent_generated_logps.tolist()):
+            p["opponent_real_logp"], p["opponent_generated_logp"] = real, generated
 
 
 def disable_dropout(model) -> None:
@@ -103,14 +116,17 @@ def batches(pairs: list[dict], iteration: int, args):
             yield epoch, [pairs[i] for i in order[start:start + size]]
 
 
-def train_step(trainer, step_pairs: list[dict], args) -> dict:
+def train_step(trainer, step_pairs: list[dict], scoring: Scoring, args) -> dict:
     """Forward and backward of this rank's share of one optimizer step's pairs (Eq. 4.7); returns
-    the step's sums over all ranks: loss, rewards, reward accuracy, tokens, pairs."""
+    the step's sums over all ranks: loss, rewards, reward accuracy, tokens (those the model saw,
+    after --max_prompt_length and --max_length cut), pairs."""
     keys = ("loss", "real_reward", "generated_reward", "reward_accuracy", "tokens", "pairs")
     sums = dict.fromkeys(keys, 0.0)
     micro_batches = distributed.micro_batches(step_pairs, args.per_device_train_batch_size)
     for k, (batch, weight) in enumerate(micro_batches):  # weight: its share of the step's mean
-        policy_real_logps, policy_generated_logps = pair_logps(trainer.policy, batch, args)  # (b,)
+        prompts, replies = pair_batch(batch)
+        logps, _ = score(trainer.policy, prompts, replies, scoring)  # (2b,)
+        policy_real_logps, policy_generated_logps = logps[:len(batch)], logps[len(batch):]  # (b,)
         device = policy_real_logps.device
         opponent_real_logps = torch.tensor([p["opponent_real_logp"] for p in batch])  # (b,)
         opponent_generated_logps = torch.tensor([p["opponent_generated_logp"] for p in batch])
@@ -123,17 +139,19 @@ def train_step(trainer, step_pairs: list[dict], args) -> dict:
             sums["real_reward"] += real_rewards.sum().item()
             sums["generated_reward"] += generated_rewards.sum().item()
             sums["reward_accuracy"] += (real_rewards > generated_rewards).float().sum().item()
-            sums["tokens"] += sum(2 * len(p["prompt_ids"]) + len(p["real_ids"])
-                                  + len(p["generated_ids"]) for p in batch)
+            sums["tokens"] += sum(len(data.build_sequence(x, y, scoring.max_prompt_length,
+                                                          scoring.max_length)["input_ids"])
+                                  for x, y in zip(prompts, replies))
             sums["pairs"] += len(batch)
     return dict(zip(sums, distributed.all_sum(list(sums.values()))))
 
 
-def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, it: Path,
-          on_step=None):
-    """θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), starting from θ = θ_t (the same weights as the opponent).
-    Returns (per-step metrics, the trainer: backends.Plain or Zero3). A stopped iteration resumes
-    from it/checkpoint (machinery/steps.py). on_step(record) sees every step's metrics."""
+def train(model, pairs: list[dict], *, learning_rate: float, iteration: int, args,
+          iteration_dir: Path, on_step=None):
+    """Algorithm 1, line 5: θ_{t+1} = argmin_θ L_SPIN(θ, θ_t), from θ = θ_t (the opponent's
+    weights). Returns (per-step metrics, the trainer: backends.Plain or Zero3). A stopped
+    iteration resumes from iteration_dir/checkpoint (machinery/steps.py). on_step(record) sees
+    every step's metrics."""
     model.train()
     if args.gradient_checkpointing:  # activations recomputed in backward: less memory, more time
         model.activation_checkpointing_enable()
@@ -141,12 +159,14 @@ def train(model, pairs: list[dict], learning_rate: float, iteration: int, args, 
     total_steps = math.ceil(len(pairs) / pairs_per_step(args)) * args.num_train_epochs
     optimizer, scheduler = rmsprop(model, learning_rate, total_steps, args.warmup_ratio)
     trainer = backends.trainer(model, optimizer, args)  # ZeRO-3 partitions model, optimizer state
-    steps = Steps(trainer, scheduler, it, iteration, total_steps, args, on_step)
+    steps = Steps(trainer, scheduler, iteration_dir=iteration_dir, iteration=iteration,
+                  total=total_steps, args=args, on_step=on_step)
+    scoring = Scoring.of_run(args)
     for step, (epoch, step_pairs) in enumerate(batches(pairs, iteration, args)):
         if steps.done(step):
             continue
         started = time.time()
-        sums = train_step(trainer, step_pairs, args)
+        sums = train_step(trainer, step_pairs, scoring, args)
         lr = scheduler.get_last_lr()[0]
         grad_norm = trainer.step()  # clipped to --max_grad_norm, RMSProp applied
         steps.check(step, sums["loss"] / sums["pairs"], grad_norm)
@@ -169,12 +189,13 @@ def sample_pairs(model, tokenizer, run_data: data.RunData, t: int, args, run: Ru
                f"{run.file(t, 'synthetic.jsonl')}")
         return pairs
     shard = distributed.shard(len(run_data.rows))  # this rank's prompts
-    done, keep = run.sampled(t, [run_data.rows[i]["id"] for i in shard])
-    seed = data.seed(args.seed, "samples", t, args.rank)
+    # done: what a stopped run sampled; save_batch appends each new batch to this rank's file
+    done, save_batch = run.sampled(t, [run_data.rows[i]["id"] for i in shard])
     prompts = [run_data.prompts[i] for i in shard]
-    samples = gen.generate(model, tokenizer, prompts, gen.Sampling.of_run(args), seed,
-                           not distributed.bars_off(args.quiet), done, keep, run_data.stop,
-                           preemption.requested)
+    samples = gen.generate(model, tokenizer, prompts, gen.Sampling.of_run(args),
+                           seed=data.seed(args.seed, "samples", t, args.rank),
+                           progress=not distributed.bars_off(args.quiet), stop=run_data.stop,
+                           done=done, on_batch=save_batch, should_stop=preemption.requested)
     preemption.stop_if_requested(f"while sampling iteration {t}'s responses (the sampled are kept)")
     pairs = [data.spin_pair(run_data.rows[i], run_data.prompts[i], run_data.real_ids[i], sample, t)
              for i, sample in zip(shard, samples)]
@@ -215,26 +236,27 @@ def main(argv=None) -> None:
     if completed:
         print0(f"resuming {run.path}: iterations 0..{completed - 1} are complete; continuing from "
                f"iter{completed - 1}/model")
-        model = opponent(run.path / f"iter{completed - 1}" / "model", args)
+        model = load_opponent(run.path / f"iter{completed - 1}" / "model", args)
     model.to(distributed.device(args))
     report = Report(run.path, args, config, tokenizer, run_data)
     report.start(model, completed)
     previous = run.pairs(completed - 1) if completed else []
 
-    for t in range(completed, args.iters):  # Algorithm 1
+    for t in range(completed, args.iters):  # Algorithm 1, lines 1 and 6: for t ... end for
         preemption.stop_if_requested(f"before iteration {t}, the iterations before it complete")
-        it = run.iteration(t)
+        iteration_dir = run.iteration(t)
         report.begin_iteration(t)
         pairs = sample_pairs(model, tokenizer, run_data, t, args, run)  # y' ~ p_θt, frozen opponent
         train_pairs = pairs + (previous if args.mix_previous_iteration else [])  # §5.1: and t−1's
         opponent_pass(model, train_pairs, t, args, run)  # log p_θt of y and y', once
         lr = args.learning_rate[min(t, len(args.learning_rate) - 1)]
-        history, trainer = train(model, train_pairs, lr, t, args, it, report.log_step)  # θ_{t+1}
-        trainer.save_model(tokenizer, it / "model", args)
+        history, trainer = train(model, train_pairs, learning_rate=lr, iteration=t, args=args,
+                                 iteration_dir=iteration_dir, on_step=report.log_step)  # θ_{t+1}
+        trainer.save_model(tokenizer, iteration_dir / "model", args)
         trainer.release()  # the optimizer state and ZeRO-3's partitions go before θ_{t+1} loads
         del trainer, model  # the next opponent is θ_{t+1} exactly as saved, a whole copy again
         gc.collect()  # ZeRO-3's engine sits in reference cycles: freed now, not at some later pass
-        model = opponent(it / "model", args).to(distributed.device(args))
+        model = load_opponent(iteration_dir / "model", args).to(distributed.device(args))
         run.complete(t, report.end_iteration(t, model, pairs, train_pairs, history, lr))
         previous = pairs
     report.finish()
@@ -244,11 +266,13 @@ def main(argv=None) -> None:
     distributed.teardown()
 
 
-def opponent(path: Path, args):
+def load_opponent(path: Path, args):
     """θ_t from its saved directory: a whole inference copy on every rank."""
     dtype, bits = weights_dtype(args), adapters.quantization(args)  # QLoRA: the base in 4 bits
-    return load_model(str(path), args.attn_implementation, args.trust_remote_code, dtype,
-                      quantization=bits)[1]
+    _, model = load_model(str(path), attn_implementation=args.attn_implementation,
+                          trust_remote_code=args.trust_remote_code, dtype=dtype,
+                          quantization=bits)
+    return model
 
 
 def cli(argv=None) -> int:

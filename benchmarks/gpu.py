@@ -153,7 +153,8 @@ def run(size: str, rows: list[dict], flags: list[str], out: Path) -> dict:
     reset_memory()
     started = time.time()
     (out / "iter0").mkdir(parents=True, exist_ok=True)
-    history, _ = spin.train(model, pairs, 5e-7, 0, args, out / "iter0")
+    history, _ = spin.train(model, pairs, learning_rate=5e-7, iteration=0, args=args,
+                             iteration_dir=out / "iter0")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     phases["training"] = {"tokens": pair_tokens * args.num_train_epochs,

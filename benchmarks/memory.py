@@ -73,10 +73,12 @@ def measure(config: str, shape: str, steps: int, work: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # warm-up: allocators, kernels
-    spin.train(model, pairs[:size], 1e-5, 0, args, work / config / "iter0")
+    spin.train(model, pairs[:size], learning_rate=1e-5, iteration=0, args=args,
+               iteration_dir=work / config / "iter0")
     (work / config / "iter0" / "metrics.jsonl").unlink()
     started = time.time()
-    spin.train(model, pairs[size:], 1e-5, 0, args, work / config / "iter0")
+    spin.train(model, pairs[size:], learning_rate=1e-5, iteration=0, args=args,
+               iteration_dir=work / config / "iter0")
     seconds = (time.time() - started) / steps
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30

@@ -86,7 +86,8 @@ def main(argv=None) -> None:
             share = padding_share(spin.batches(pairs, 0, args), args)
             (Path(out) / "iter0").mkdir()
             started = time.time()
-            history, _ = spin.train(model, pairs, 1e-5, 0, args, Path(out) / "iter0")
+            history, _ = spin.train(model, pairs, learning_rate=1e-5, iteration=0,
+                                      args=args, iteration_dir=Path(out) / "iter0")
             seconds = time.time() - started
         real = sum(2 * min(len(q["prompt_ids"]), args.max_prompt_length) + len(q["real_ids"])
                    + len(q["generated_ids"])

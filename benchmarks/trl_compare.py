@@ -115,7 +115,8 @@ def run_spin(model, opponent, tokenizer, rows: list[dict], sizes: dict, batch: i
               "generated_ids": chat.reply_ids([{"role": "user", "content": r["prompt"]}],
                                               r["generated"])} for r in rows]
     spin.opponent_logps(opponent, pairs, args)
-    history, _ = spin.train(model, pairs, LR, 0, args, out)
+    history, _ = spin.train(model, pairs, learning_rate=LR, iteration=0, args=args,
+                             iteration_dir=out)
     return history
 
 

@@ -83,7 +83,7 @@ def train_the_policy(model, pair: dict, args) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(4):
         # the policy p_θ, starting at θ = θ0: scored by the call that scored the opponent
-        real, generated = spin.pair_logps(model, [pair], args)
+        real, generated = spin.pair_logps(model, [pair], spin.Scoring.of_run(args))
         losses, real_rewards, generated_rewards = spin_loss(
             real, generated, torch.tensor([pair["opponent_real_logp"]]),
             torch.tensor([pair["opponent_generated_logp"]]), beta=args.beta)

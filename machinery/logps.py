@@ -22,10 +22,11 @@ loss.sequence_logps, the plain definition, to rounding (tests/test_logps.py, tes
 SPIN_FUSED_HEAD=0 turns the fused path off (benchmarks, comparisons).
 
 The batch's rows are either padded, one sequence each (data.collate), or packed, several
-sequences end to end with no padding between them (batching.pack, score(padding_free=True)) on the
+sequences end to end with no padding between them (batching.pack, Scoring.padding_free) on the
 model types in PADDING_FREE_MODELS.
 """
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -34,28 +35,46 @@ from machinery import batching
 from loss import IGNORE_INDEX, sequence_logps
 
 
-def score(model, prompts: list[list[int]], responses: list[list[int]], max_prompt_length: int,
-          max_length: int, bf16: bool = False, padding_free: bool = False,
-          fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Scoring:
+    """How a run scores log p(y|x), the same for the opponent pass, training and evaluation: the
+    cuts of data.build_sequence, bf16 autocast, packing, and which path computes the log-probs.
+    Built once from the run's flags (Scoring.of_run), as generate.Sampling is for sampling."""
+    max_prompt_length: int  # --max_prompt_length: the prompt keeps its last tokens
+    max_length: int  # --max_length: prompt + response, the response cut at its end
+    bf16: bool = False  # --bf16: forward under bf16 autocast; log-probs summed in float32
+    padding_free: bool = False  # --padding_free: sequences packed without padding (batching.pack)
+    fast: bool = True  # --fast_logps; False: loss.sequence_logps on the (B, T, V) logits
+
+    @classmethod
+    def of_run(cls, args) -> "Scoring":
+        """The scoring settings of a run's flags."""
+        return cls(max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+                   bf16=args.bf16, padding_free=args.padding_free, fast=args.fast_logps)
+
+
+def score(model, prompts: list[list[int]], responses: list[list[int]],
+          scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) log p(response|prompt) of a batch of id lists, cut as in training (data.build_sequence),
     and (B,) the number of response tokens scored: the one scoring path of the opponent pass,
-    training and evaluation. fast=False (--no-fast_logps): the textbook path, loss.sequence_logps on
-    the model's (B, T, V) logits of padded rows, the definition as a reader reads it. fast=True: the
-    head computes only response positions (batch_logps), and with padding_free the sequences are
-    packed into rows without padding (batching.pack) where the model reads sequences off position
-    ids (packs(model)); otherwise padded. Both give the same numbers to float rounding (tests)."""
+    training and evaluation. scoring.fast=False (--no-fast_logps): the textbook path,
+    loss.sequence_logps on the model's (B, T, V) logits of padded rows, the definition as a reader
+    reads it. scoring.fast=True: the head computes only response positions (batch_logps), and with
+    padding_free the sequences are packed into rows without padding (batching.pack) where the model
+    reads sequences off position ids (packs(model)); otherwise padded. Both give the same numbers
+    to float rounding (tests)."""
     device = next(model.parameters()).device
-    sequences = [data.build_sequence(p, r, max_prompt_length, max_length)
+    sequences = [data.build_sequence(p, r, scoring.max_prompt_length, scoring.max_length)
                  for p, r in zip(prompts, responses)]
     tokens = torch.tensor([sum(label != IGNORE_INDEX for label in s["labels"][1:])
                            for s in sequences], device=device)
-    if not fast:
+    if not scoring.fast:
         batch = {k: v.to(device) for k, v in data.collate(sequences).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=scoring.bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits  # (B, T, V)
         return sequence_logps(logits, batch["labels"]), tokens  # (B,), (B,)
-    if padding_free and packs(model):
+    if scoring.padding_free and packs(model):
         # FlashAttention finds the sequences in the position ids of a batch of ONE row only
         # (varlen); SDPA and eager get a block-diagonal mask per row, rows about as wide as the
         # longest sequence (batching.fullest_width: attention is dense within a row).
@@ -67,26 +86,23 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], max_promp
     else:
         batch = data.collate(sequences)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch_logps(model, batch, bf16), tokens  # (B,), (B,)
+    return batch_logps(model, batch, scoring.bf16), tokens  # (B,), (B,)
 
 
 @torch.no_grad()
-def score_all(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int,
-              max_prompt_length: int,
-              max_length: int, bf16: bool = False, desc: str = "score", progress: bool = False,
-              padding_free: bool = False, fast: bool = True) -> list[tuple[float, int]]:
+def score_all(model, prompts: list[list[int]], responses: list[list[int]], scoring: Scoring, *,
+              batch_size: int, desc: str = "score",
+              progress: bool = False) -> list[tuple[float, int]]:
     """score() in batches of batch_size, without gradients: [(log p(response|prompt), response
-    tokens scored)] in the order given. The opponent pass and held-out evaluation both score
-    through it."""
+    tokens scored)] in the order given (held-out evaluation scores through it)."""
     from tqdm import tqdm
 
     model.eval()
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None
-                      if progress else True):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
         logps, tokens = score(model, prompts[start:start + batch_size],
-                              responses[start:start + batch_size],
-                              max_prompt_length, max_length, bf16, padding_free, fast)  # (b,), (b,)
+                              responses[start:start + batch_size], scoring)  # (b,), (b,)
         out += zip(logps.tolist(), tokens.tolist())
     return out
 

@@ -2,7 +2,7 @@
 stopped iteration resumes, metrics.jsonl, the progress bar, the training state every --save_steps,
 a stop signal, a diverged step.
 
-    steps = Steps(trainer, scheduler, it, iteration, total_steps, args, on_step)
+    steps = Steps(trainer, scheduler, iteration_dir=..., iteration=t, total=..., args=args)
     for step, ... in enumerate(batches):
         if steps.done(step): continue       # trained before a stop: resumed from iter{t}/checkpoint
         ...
@@ -23,12 +23,13 @@ class TrainingDiverged(RuntimeError):
 
 
 class Steps:
-    def __init__(self, trainer, scheduler, it: Path, iteration: int, total: int, args,
-                 on_step=None):
+    def __init__(self, trainer, scheduler, *, iteration_dir: Path, iteration: int, total: int,
+                 args, on_step=None):
         self.trainer, self.scheduler = trainer, scheduler
         self.iteration, self.total = iteration, total
         self.args, self.on_step = args, on_step
-        self.state, self.metrics = it / "checkpoint", it / "metrics.jsonl"
+        self.state = iteration_dir / "checkpoint"
+        self.metrics = iteration_dir / "metrics.jsonl"
         # 0: the iteration starts from θ_t
         self.first = self.saved = trainer.load_state(self.state, scheduler)
         if self.first:

@@ -173,8 +173,8 @@ def test_a_real_chat_models_stored_opponent_logps_match_an_independent_float64_p
     assert logps.packs(model) and len(batching.pack([data.build_sequence(x, y, 128, 192) for x, y in zip(prompts, replies)])
                                       ["input_ids"]) < len(prompts)  # fewer rows than sequences: really packed
     with torch.no_grad():
-        padded, _ = logps.score(model, prompts, replies, 128, 192)
-        packed, _ = logps.score(model, prompts, replies, 128, 192, padding_free=True)
+        padded, _ = logps.score(model, prompts, replies, logps.Scoring(128, 192))
+        packed, _ = logps.score(model, prompts, replies, logps.Scoring(128, 192, padding_free=True))
     assert torch.allclose(packed, padded, atol=1e-4)
     assert padded.tolist()[:2] == pytest.approx([stored[pairs[0]["id"]]["opponent_real_logp"],
                                                  stored[pairs[0]["id"]]["opponent_generated_logp"]], abs=2e-3)

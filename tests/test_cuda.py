@@ -290,7 +290,7 @@ def test_on_cuda_the_fast_path_gives_the_definitions_log_probs_in_bf16(tokenizer
     prompts = [[5, 7, 31, 24, 19, 32, 29, 2, 7, 6, 7], [5, 7, 30, 2, 7, 6, 7]]
     replies = [[32, 29, 19, 31, 24, 37, 25, 27, 29, 2], [33, 2]]
     for padding_free in (False, True):
-        fast, _ = logps.score(model, prompts, replies, 32, 48, bf16=True, padding_free=padding_free)
+        fast, _ = logps.score(model, prompts, replies, logps.Scoring(32, 48, bf16=True, padding_free=padding_free))
         batch = data.collate([data.build_sequence(p, r, 32, 48) for p, r in zip(prompts, replies)])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].cuda(), attention_mask=batch["attention_mask"].cuda()).logits
@@ -311,7 +311,7 @@ def test_on_cuda_the_first_loss_is_log_2_to_bf16_rounding(tokenizer):
                               quiet=True, rank=0, padding_free=True,
                               fast_logps=True)
     spin.opponent_logps(model, pairs, args)
-    real, generated = spin.pair_logps(model, pairs, args)
+    real, generated = spin.pair_logps(model, pairs, spin.Scoring.of_run(args))
     from loss import spin_loss
 
     losses, _, _ = spin_loss(real, generated, torch.tensor([p["opponent_real_logp"] for p in pairs]).cuda(),

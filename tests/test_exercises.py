@@ -92,10 +92,10 @@ def test_exercise_9_dropout_breaks_the_first_step_identity(tokenizer):
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)
+        real, generated = spin.pair_logps(model, pairs, spin.Scoring.of_run(args))
     assert abs(real.item() - pairs[0]["opponent_real_logp"]) > 1e-3  # θ = θ_t, and yet log-ratio ≠ 0
     spin.disable_dropout(model)  # what spin.train does first
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)  # still in training mode
+        real, generated = spin.pair_logps(model, pairs, spin.Scoring.of_run(args))  # still in training mode
     assert real.item() == pytest.approx(pairs[0]["opponent_real_logp"], abs=1e-6)
     assert generated.item() == pytest.approx(pairs[0]["opponent_generated_logp"], abs=1e-6)

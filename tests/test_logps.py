@@ -202,16 +202,16 @@ def test_packed_rows_give_the_padded_log_probs_and_gradients(kind):
     prompts = [torch.randint(1, 61, (p,), generator=generator).tolist() for p, _ in lengths]
     responses = [torch.randint(1, 61, (r,), generator=generator).tolist() for _, r in lengths]
     params = [p for p in model.parameters() if p.requires_grad]
-    padded, tokens = logps.score(model, prompts, responses, 64, 64)
+    padded, tokens = logps.score(model, prompts, responses, logps.Scoring(64, 64))
     padded_grads = torch.autograd.grad(padded.sum(), params, allow_unused=True)
-    packed, packed_tokens = logps.score(model, prompts, responses, 64, 64, padding_free=True)
+    packed, packed_tokens = logps.score(model, prompts, responses, logps.Scoring(64, 64, padding_free=True))
     packed_grads = torch.autograd.grad(packed.sum(), params, allow_unused=True)
     assert tokens.tolist() == packed_tokens.tolist() == [7, 2, 11, 1, 9, 3]
     if kind == "opt":
         assert not logps.packs(model)
         logps.PADDING_FREE_MODELS.add("opt")
         try:
-            packed, _ = logps.score(model, prompts, responses, 64, 64, padding_free=True)
+            packed, _ = logps.score(model, prompts, responses, logps.Scoring(64, 64, padding_free=True))
         finally:
             logps.PADDING_FREE_MODELS.discard("opt")
         assert (packed - padded).abs().max() > 1e-3
@@ -226,12 +226,12 @@ def test_flash_attention_gets_one_packed_row_which_gives_the_padded_log_probs(mo
     one row for it. FlashAttention needs a GPU; here the row it would get goes through SDPA."""
     model = packed_model("llama")
     prompts, responses = [[5, 6, 7], [3, 4], [9]], [[8, 9, 10, 11], [12, 13], [14, 15, 16]]
-    padded, _ = logps.score(model, prompts, responses, 64, 64)
+    padded, _ = logps.score(model, prompts, responses, logps.Scoring(64, 64))
     batches = []
     with monkeypatch.context() as m:
         m.setattr(model.config, "_attn_implementation", "flash_attention_2")
         m.setattr(logps, "batch_logps", lambda model, batch, bf16=False: batches.append(batch) or torch.zeros(3))
-        logps.score(model, prompts, responses, 64, 64, padding_free=True)
+        logps.score(model, prompts, responses, logps.Scoring(64, 64, padding_free=True))
     (batch,) = batches
     assert batch["input_ids"].shape == (1, 7 + 4 + 4) and (batch["sequence"] >= 0).all()  # no padding at all
     assert torch.allclose(logps.batch_logps(model, batch), padded, atol=2e-5)

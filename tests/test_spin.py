@@ -94,7 +94,7 @@ def test_policy_logps_at_theta_t_equal_the_stored_opponent_logps(toy_pairs):
     args, model, pairs = toy_pairs
     model.train()  # as in training, with other batch compositions than the opponent pass used
     batch = pairs[::-3][:11]
-    real, generated = spin.pair_logps(model, batch, args)
+    real, generated = spin.pair_logps(model, batch, spin.Scoring.of_run(args))
     assert real.tolist() == pytest.approx([p["opponent_real_logp"] for p in batch], abs=1e-4)
     assert generated.tolist() == pytest.approx([p["opponent_generated_logp"] for p in batch], abs=1e-4)
 
@@ -103,11 +103,11 @@ def test_one_optimizer_step_raises_the_margin(toy_pairs, tmp_path):
     args, model, pairs = toy_pairs
     model = type(model).from_pretrained(args.model)  # a fresh copy: θ = θ_t
     args.per_device_train_batch_size, args.warmup_ratio, args.num_train_epochs = len(pairs), 0.0, 1
-    history, trainer = spin.train(model, pairs, 1e-4, 0, args, tmp_path)
+    history, trainer = spin.train(model, pairs, learning_rate=1e-4, iteration=0, args=args, iteration_dir=tmp_path)
     assert isinstance(trainer, spin.backends.Plain)  # no --deepspeed: the plain PyTorch path
     assert len(history) == 1 and history[0]["margin"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
-        real, generated = spin.pair_logps(model, pairs, args)
+        real, generated = spin.pair_logps(model, pairs, spin.Scoring.of_run(args))
     real_logratios = real - torch.tensor([p["opponent_real_logp"] for p in pairs])
     generated_logratios = generated - torch.tensor([p["opponent_generated_logp"] for p in pairs])
     assert (real_logratios - generated_logratios).mean().item() > 0.05

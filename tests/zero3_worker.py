@@ -34,7 +34,7 @@ pairs = [{"iteration": 0, "id": r["id"], "prompt_ids": data.ChatFormat(tokenizer
 spin.opponent_logps(model, pairs, args)
 it = out.parent / "iter"
 it.mkdir(exist_ok=True)
-history, trainer = spin.train(model, pairs, 1e-4, 0, args, it)
+history, trainer = spin.train(model, pairs, learning_rate=1e-4, iteration=0, args=args, iteration_dir=it)
 trainer.save_model(tokenizer, out.parent / "model", args)
 params = dict(trainer.policy.module.named_parameters())
 with deepspeed.zero.GatheredParameters(list(params.values())):
