@@ -12,6 +12,10 @@
 4. The suite's GPU-sensitive tests (tests/test_cuda.py, tests/test_logps.py) with the GPU visible
    (SPIN_TESTS_CUDA=1; the rest of the suite hides it, tests/conftest.py); on a CPU, test_cuda.py
    only (the suite runs test_logps.py anyway).
+5. FlashAttention-2 in bf16, where flash-attn is installed on a GPU (else "skip"): packed rows
+   against padded rows, the same log-probs and gradients to bf16 rounding.
+6. The dtypes the KV cache holds after a short generate under bf16 with float32 weights (the plain
+   --bf16 path): bf16 keys and values.
 
 Exit status 1 if any check failed. CI runs it on the CPU (tests/test_benchmarks.py).
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 import toy
+from machinery import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +101,72 @@ def deterministic_resume(model: Path, work: Path, precision: str) -> str:
     return f"killed at the first saved state, resumed: all {len(a)} weights equal bit for bit"
 
 
+class Skipped(Exception):
+    """A check that cannot run on this machine (reported as "skip", not as a failure)."""
+
+
+def flash_attention_rows() -> str:
+    """FlashAttention-2 in bf16 on a small random Mistral: the same sequences packed (one row,
+    varlen) and padded (a row per sequence, unpadded inside transformers), log-probs and the
+    gradients of their sum. bf16 keeps 8 bits of mantissa: a log-prob sum of ~40 tokens moves by
+    up to ~0.3 between layouts (BF16_LOGP_TOLERANCE of tests/test_cuda.py, 0.5), the gradient by a
+    few bf16 roundings (~4e-3 each) relative to its norm: bound 5e-2."""
+    import importlib.util
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from machinery import logps
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        raise Skipped("needs a CUDA GPU and flash-attn")
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, attn_implementation="flash_attention_2")).cuda()
+    g = torch.Generator().manual_seed(0)
+    lengths = [(5, 7), (12, 3), (2, 2), (9, 30), (20, 11)]  # (prompt, reply) tokens
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n, _ in lengths]
+    replies = [torch.randint(3, 1000, (n,), generator=g).tolist() for _, n in lengths]
+    result = {}
+    for packed in (False, True):
+        model.zero_grad()
+        scoring = logps.Scoring(64, 128, bf16=True, padding_free=packed)
+        sums, _ = logps.score(model, prompts, replies, scoring)  # (S,)
+        sums.sum().backward()
+        result[packed] = sums.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    (padded, padded_grad), (packed, packed_grad) = result[False], result[True]
+    worst = (packed - padded).abs().max().item()
+    relative = ((packed_grad - padded_grad).norm() / padded_grad.norm()).item()
+    assert worst <= 0.5 and relative <= 5e-2, \
+        f"log-probs {worst:.2e} apart, gradients {relative:.1e} relative"
+    return (f"{len(lengths)} sequences, packed vs padded: log-probs within {worst:.1e} (bound "
+            f"0.5), gradients' relative difference {relative:.1e} (bound 5e-2)")
+
+
+def kv_cache_dtypes(model_path: Path) -> str:
+    """generate.generate under bf16 with float32 weights, as the plain --bf16 path samples: the
+    KV cache's dtypes after a few tokens (RoPE once made the keys float32, docs/scaling.md)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    caches = []
+    handle = model.register_forward_hook(lambda module, inputs, out: caches.append(out.cache))
+    try:
+        generate.generate(model, tokenizer, [tokenizer("1+2=")["input_ids"]],
+                          generate.Sampling(max_new_tokens=4, bf16=True), seed=0)
+    finally:
+        handle.remove()
+    found = sorted({f"keys {layer.keys.dtype}, values {layer.values.dtype}"
+                    for layer in caches[-1].layers})
+    assert found == ["keys torch.bfloat16, values torch.bfloat16"], found
+    return f"{len(caches[-1].layers)} layers, each: {found[0]}"
+
+
 def gpu_tests() -> str:
     files = ["tests/test_cuda.py",
              "tests/test_logps.py"] if torch.cuda.is_available() else ["tests/test_cuda.py"]
@@ -114,6 +185,9 @@ def main() -> int:
     # bf16 autocast on a CPU is slow and not what this checks there
     precision = "bf16" if cuda else "float32"
     print(f"smoke test on {device}, torch {torch.__version__}, {precision}", flush=True)
+    note = distributed.cpu_build_note(torch.version.cuda)  # a GPU that torch cannot see
+    if note:
+        print(note, flush=True)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -127,11 +201,15 @@ def main() -> int:
             ("--deterministic resume after SIGKILL",
              lambda: deterministic_resume(model, work, precision)),
             ("GPU-sensitive tests", gpu_tests),
+            ("FlashAttention-2, bf16, packed vs padded rows", flash_attention_rows),
+            ("KV cache after generate, bf16", lambda: kv_cache_dtypes(model)),
         ]
         for name, check in checks:
             started = time.time()
             try:
                 detail, status = check(), "ok  "
+            except Skipped as e:
+                detail, status = str(e), "skip"
             except Exception as e:  # noqa: BLE001 - every check reports, then the next one runs
                 detail, status = f"{type(e).__name__}: {e}".replace("\n", " ")[:600], "FAIL"
                 failed += 1

@@ -78,9 +78,11 @@ def test_the_smoke_test_passes_every_check_on_the_cpu():
     result = subprocess.run([sys.executable, "-m", "benchmarks.smoke"], cwd=ROOT, capture_output=True, text=True,
                             timeout=400)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert result.returncode == 0 and len(lines) == 4 and all(line.startswith("ok") for line in lines), \
+    assert result.returncode == 0 and len(lines) == 5 and all(line.startswith("ok") for line in lines), \
         result.stdout[-3000:] + result.stderr[-2000:]
     assert "all 21 weights equal bit for bit" in result.stdout
+    assert "2 layers, each: keys torch.bfloat16, values torch.bfloat16" in result.stdout
+    assert "skip FlashAttention-2, bf16, packed vs padded rows" in result.stdout  # no GPU, no flash-attn
 
 
 @pytest.mark.slow  # starts a process
