@@ -139,11 +139,11 @@ def exact_steps(loss_type="logistic") -> dict[float, torch.Tensor]:
 
 def show(steps: dict) -> None:
     """The five responses' probabilities before and after one step (pytest -s shows it)."""
-    print("\n          " + "   ".join(f"y{i + 1}   " for i in range(len(P_T))) + "  TV to p_data")
+    print("\n" + " " * 8 + "".join(f"{f'y{i + 1}':>8}" for i in range(len(P_T))) + "  TV to p_data")
     rows = [("p_t", P_T), ("p_data", P_DATA)]
     rows += [(f"λ = {beta:g}", steps[beta]) for beta in (0.5, 1.0, 2.0, 4.0)]
     for name, p in rows:
-        print(f"{name:8}" + "".join(f"{x:8.3f}" for x in p.tolist()) + f"{tv(p, P_DATA):10.3f}")
+        print(f"{name:8}" + "".join(f"{x:8.3f}" for x in p.tolist()) + f"{tv(p, P_DATA):14.3f}")
 
 
 def test_exercise_5_theorem_5_4_across_lambda(answers, setting):
