@@ -16,6 +16,8 @@
    against padded rows, the same log-probs and gradients to bf16 rounding.
 6. The dtypes the KV cache holds after a short generate under bf16 with float32 weights (the plain
    --bf16 path): bf16 keys and values.
+7. QLoRA under --bf16, where bitsandbytes is installed on a GPU (else "skip"): the compute dtype
+   the 4-bit layers hold after a forward and backward, bf16.
 
 Exit status 1 if any check failed. CI runs it on the CPU (tests/test_benchmarks.py).
 """
@@ -167,6 +169,32 @@ def kv_cache_dtypes(model_path: Path) -> str:
     return f"{len(caches[-1].layers)} layers, each: {found[0]}"
 
 
+def qlora_compute_dtype(model_path: Path) -> str:
+    """QLoRA as spin.py builds it under --bf16 (the base in 4 bits, prepared, adapters on): the
+    compute dtype every bitsandbytes Linear4bit holds after a forward and backward under bf16
+    autocast. bf16, though most of their inputs are float32 (adapters.hold_compute_dtype)."""
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise Skipped("needs a CUDA GPU and bitsandbytes")
+    import bitsandbytes
+
+    import spin as spin_py  # this file's spin() runs the command
+    from machinery import adapters, models
+
+    args = spin_py.parse_args(["--model", str(model_path), "--dataset", "toy", "--use_peft",
+                               "--load_in_4bit", "--bf16", "--gradient_checkpointing"])
+    _, model = models.load_model(str(model_path), quantization=adapters.quantization(args))
+    model = adapters.wrap(model, args).train()
+    ids = torch.randint(3, 40, (2, 16), device=model.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    held = sorted({str(m.compute_dtype) for m in layers})
+    assert held == ["torch.bfloat16"], held
+    return f"{len(layers)} Linear4bit layers, each computing in {held[0]} after a forward"
+
+
 def gpu_tests() -> str:
     files = ["tests/test_cuda.py",
              "tests/test_logps.py"] if torch.cuda.is_available() else ["tests/test_cuda.py"]
@@ -203,6 +231,7 @@ def main() -> int:
             ("GPU-sensitive tests", gpu_tests),
             ("FlashAttention-2, bf16, packed vs padded rows", flash_attention_rows),
             ("KV cache after generate, bf16", lambda: kv_cache_dtypes(model)),
+            ("QLoRA's 4-bit layers, bf16", lambda: qlora_compute_dtype(model)),
         ]
         for name, check in checks:
             started = time.time()

@@ -90,8 +90,12 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
 
     logging.disable_progress_bar()  # our own bars show the long steps; loading 1 file needs none
     if adapters.is_adapter(name):
-        tokenizer, base = load_model(adapters.base_of(name), attn_implementation, trust_remote_code,
-                                     dtype, None, None, quantization)
+        # the base at the revision the adapter names: a recipe's pinned --model_revision, never
+        # the hub's main by default
+        base_name, base_revision = adapters.base_of(name)
+        _, base = load_model(base_name, attn_implementation=attn_implementation,
+                             trust_remote_code=trust_remote_code, dtype=dtype,
+                             revision=base_revision, quantization=quantization)
         return AutoTokenizer.from_pretrained(name), adapters.attach(base, name)
     if name == "toy":
         import toy
@@ -120,6 +124,8 @@ def load_model(name: str, attn_implementation: str | None = None, trust_remote_c
         raise ModelError(f"--model {name} could not be loaded from the Hugging Face Hub "
                          f"({first_line(e)[:200]}); download it where there is network (hf "
                          f"download {name} --local-dir DIR) and pass --model DIR") from None
+    if quantization is not None:
+        adapters.hold_compute_dtype(model, quantization)  # bf16 matmuls under --bf16
     if not tokenizer.chat_template:
         raise ModelError(f"--model {name}: its tokenizer has no chat template; SPIN renders "
                          f"prompts with it (use a chat/SFT model, or add a chat_template to "

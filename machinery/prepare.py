@@ -36,9 +36,11 @@ def prepare(args, run):
                 refused = str(e)
         if refused := distributed.broadcast(refused):
             raise UsageError(refused)
-    tokenizer, model = load_model(args.model, args.attn_implementation, args.trust_remote_code,
-                                  weights_dtype(args),
-                                  args.model_revision, args.gguf_file, adapters.quantization(args))
+    tokenizer, model = load_model(args.model, attn_implementation=args.attn_implementation,
+                                  trust_remote_code=args.trust_remote_code,
+                                  dtype=weights_dtype(args), revision=args.model_revision,
+                                  gguf_file=args.gguf_file,
+                                  quantization=adapters.quantization(args))
     # θ_0 = the base, with adapters at zero
     if args.use_peft and not adapters.is_adapter(args.model):
         model = adapters.wrap(model, args)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import spin
-from conftest import read_jsonl, toy_run
+from conftest import read_jsonl, tiny_mistral, toy_run
 from machinery import logps, models
 from test_resume import kill_when, run_to_end
 
@@ -137,3 +137,40 @@ def test_an_adapter_whose_base_is_gone_is_refused_in_one_line(lora_run, tmp_path
     code = spin.cli(toy_run(adapter, tmp_path / "run", "--use_peft"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "base model '/nowhere/base' is missing" in err[0], err
+
+
+def test_4bit_layers_compute_in_bf16_under_bf16_though_fed_float32(tokenizer, tmp_path):
+    """QLoRA under --bf16 (issue 31, finding 4): a base as spin.py loads it (models.load_model
+    with adapters.quantization), prepared and wrapped (adapters.wrap); after a forward and backward
+    under bf16 autocast every bitsandbytes Linear4bit holds bf16 as its compute dtype, though the
+    unquantized parts (float32) hand most of them float32 inputs. On a CPU bitsandbytes runs these
+    layers (spin.py refuses QLoRA training there, machinery/cli.py); benchmarks/smoke.py checks the
+    same on a GPU."""
+    bnb = pytest.importorskip("bitsandbytes", reason="--load_in_4bit needs bitsandbytes")
+    from machinery import adapters
+
+    base = tmp_path / "base"
+    tiny_mistral(tokenizer, hidden=64).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    flags = toy_run(base, tmp_path / "run", "--use_peft", "--bf16", "--gradient_checkpointing")
+    args = spin.parse_args(flags)
+    args.load_in_4bit = True  # spin.py refuses it on a CPU, before anything loads
+    _, model = models.load_model(str(base), quantization=adapters.quantization(args))
+    model = adapters.wrap(model, args).train()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 7 * model.config.num_hidden_layers  # q k v o gate up down: all-linear
+    inputs = {}
+
+    def record(module, x):  # returns None: the input goes on unchanged
+        inputs[module] = x[0].dtype
+
+    for layer in layers.values():
+        layer.register_forward_pre_hook(record)
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    # o_proj's input is attention's output, bf16 under autocast; the others get the float32 norms'
+    # outputs and the float32 sums of base and adapter outputs
+    assert {n for n, layer in layers.items() if inputs[layer] == torch.float32} == {
+        n for n in layers if not n.endswith("o_proj.base_layer")}
+    assert {layer.compute_dtype for layer in layers.values()} == {torch.bfloat16}
