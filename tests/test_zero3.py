@@ -228,3 +228,43 @@ def test_lora_under_zero3_resumes_after_sigkill_to_the_same_losses(lora_runs, sm
     assert "iteration 0: resuming training at step 2 of 8" in result.stdout
     losses = [m["loss"] for m in read_jsonl(run / "iter0" / "metrics.jsonl")]
     assert losses == pytest.approx([m["loss"] for m in read_jsonl(zero3 / "iter0" / "metrics.jsonl")], abs=TOLERANCE[0])
+
+
+def test_zero3_accumulates_gradients_in_float32_under_bf16(tmp_path, monkeypatch):
+    """configs/ds_zero3.json's data_types.grad_accum_dtype: under --bf16 the weights are bf16 and
+    ZeRO-3 accumulates the micro-batches' gradients in float32, as the plain path does (DeepSpeed's
+    default is the weights' dtype: get_data_types in deepspeed/runtime/engine.py). The engine the
+    run builds (backends.trainer), of one CPU rank, in this process."""
+    import math
+    import socket
+
+    import spin
+    import toy
+    from conftest import tiny_mistral
+    from machinery import backends, distributed
+    from machinery.prepare import weights_dtype
+
+    with socket.socket() as s:  # a free port for the group of one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    config = ROOT / "configs" / "ds_zero3.json"
+    args = spin.parse_args(["--model", "toy", "--dataset", "toy", "--bf16", "--deepspeed",
+                            str(config), "--output_dir", str(tmp_path / "run")])
+    distributed.setup(args)
+    try:
+        model = tiny_mistral(toy.build_tokenizer()).to(weights_dtype(args))
+        trainer = backends.trainer(model, torch.optim.RMSprop(model.parameters(), lr=1e-4), args)
+        engine = trainer.policy
+        assert engine.get_data_types() == (torch.bfloat16, torch.float32)  # (weights, accumulation)
+        ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+        for last in (False, True):  # two micro-batches of one step
+            trainer.backward(engine(input_ids=ids).logits.float().logsumexp(-1).mean(), last)
+        accumulated = engine.optimizer.grad_partitions_flat_buffer  # ZeRO-3's gradient partitions
+        assert accumulated.dtype == torch.float32 and accumulated.abs().sum() > 0
+        assert math.isfinite(trainer.step())
+        trainer.release()
+    finally:
+        torch.distributed.destroy_process_group()
