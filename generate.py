@@ -8,9 +8,14 @@ batch is seeded, so a run is reproducible. For every prompt we keep the generate
 themselves (never re-tokenized), the text, and whether it ended on a stop id or hit the
 max_new_tokens limit.
 
-    python generate.py --model runs/toy/iter0/model --data toy --out samples.jsonl
-    python generate.py --model alignment-handbook/zephyr-7b-sft-full \\
-        --data HuggingFaceH4/ultrachat_200k --split test_sft --max_samples 100 --out samples.jsonl
+The command takes spin.py's flags, defaults and recipes for the model, the data and sampling
+(machinery/flags.py; --data, --split and --batch_size, its earlier names, still work):
+
+    python generate.py --model toy --dataset toy --out samples.jsonl   # the toy recipe's model
+    python generate.py --model runs/toy/iter0/model --dataset toy --out samples.jsonl
+    # the recipe's model at its revision, its sampling settings, bf16 on the GPU if there is one
+    python generate.py --model zephyr-7b-sft-full --dataset_split test_sft --max_samples 100 \\
+        --out samples.jsonl
 """
 import json
 import os
@@ -160,53 +165,49 @@ def sample_batch(model, prompts: list[list[int]], config, bf16: bool) -> list[li
 
 
 def main(argv=None) -> None:
-    from machinery import flags, models  # the command line's own entry: flags and model loading
+    """`python generate.py --model M --dataset D --out FILE`: y' for every prompt, into FILE. The
+    flags, their defaults and the recipes are spin.py's (machinery/flags.py, generate_parser)."""
+    from machinery import cli, distributed, flags, models
 
-    p = flags.ArgumentParser(description="Sample one response per prompt from a model.")
-    p.add_argument("--model", required=True, help="model directory, hub id, or 'toy'")
-    p.add_argument("--data", required=True,
-                   help="'toy', a local .jsonl/.json/.parquet file, or a hub data set")
-    p.add_argument("--split", default="train", help="data set split")
-    p.add_argument("--out", required=True, help="output .jsonl, one row per prompt")
-    p.add_argument("--max_samples", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--max_prompt_length", type=int, default=512,
-                   help="prompt tokens kept, from the left")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system_prompt",
-                   help="insert a system turn with this text before conversations that have none")
-    p.add_argument("--chat_template_kwargs", type=flags.json_object, metavar="JSON",
-                   help="chat template keyword arguments, e.g. '{\"enable_thinking\": false}'")
-    args = p.parse_args(argv)
     try:
-        models.go_offline_if_hub_unreachable(args.model, args.data)
-        rows = data.load_rows(args.data, args.split)[: args.max_samples]
-        tokenizer, model = models.load_model(args.model)
+        args, _ = cli.resolve(flags.generate_parser(), argv, launcher=False,
+                              derive=cli.attention_fallback)  # as spin.py resolves its flags
+        cli.check_generation(args)
+        models.go_offline_if_hub_unreachable(args.model, args.dataset)
+        rows = data.load_rows(args.dataset, args.dataset_split, args.turn, "--dataset",
+                              args.dataset_revision, args.dataset_config)
+        if args.max_samples:  # drawn with --seed, as spin.py draws them
+            rows = data.subsample(rows, args.max_samples, args.seed)
+        tokenizer, model = models.load_model(args.model, args.attn_implementation,
+                                             args.trust_remote_code, revision=args.model_revision,
+                                             gguf_file=args.gguf_file)
         chat = data.ChatFormat(tokenizer, args.system_prompt, args.chat_template_kwargs,
                                f"--model {args.model}")
-        prompts = [data.cut_prompt(chat.prompt_ids(r["messages"]), args.max_prompt_length)
-                   for r in rows]
-    except (data.DataError, models.ModelError) as e:
+    except (cli.UsageError, data.DataError, models.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sampling = Sampling(args.max_new_tokens, not args.greedy, args.temperature, args.top_p,
-                        args.batch_size)
-    results = generate(model, tokenizer, prompts, sampling, args.seed, progress=True,
-                       stop=stop_ids(model, tokenizer, chat.end_of_turn))
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    prompts = [data.cut_prompt(chat.prompt_ids(r["messages"]), args.max_prompt_length)
+               for r in rows]
+    args.deepspeed = None  # one process: distributed.device takes the GPU when there is one
+    model.to(distributed.device(args))
+    results = generate(model, tokenizer, prompts, Sampling.of_run(args), seed=args.seed,
+                       progress=True, stop=stop_ids(model, tokenizer, chat.end_of_turn))
+    write_samples(args.out, rows, results)
+    print(f"wrote {len(results)} responses to {args.out}, sampled on {model.device} "
+          f"({sum(r['ended'] for r in results)} ended on a stop id, the rest hit "
+          f"--max_new_tokens)")
+
+
+def write_samples(path: str, rows: list[dict], results: list[dict]) -> None:
+    """One JSON line per prompt: its id and conversation, the real y, the generated y' (text and
+    ids) and whether y' ended on a stop id. The file appears whole or not at all."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row, result in zip(rows, results):
             f.write(json.dumps({"id": row["id"], "messages": row["messages"],
                                 "real": row["response"], "generated": result["text"],
                                 "generated_ids": result["generated_ids"],
                                 "ended": result["ended"]}) + "\n")
-    os.replace(tmp, args.out)  # the file appears whole or not at all
-    print(f"wrote {len(results)} responses to {args.out} "
-          f"({sum(r['ended'] for r in results)} ended on a stop id, the rest hit --max_new_tokens)")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

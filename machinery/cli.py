@@ -1,12 +1,15 @@
 """The command line of spin.py: parsing (config files, the launchers' environment), recipe
-resolution and validation; the flags themselves are defined in flags.py.
+resolution and validation; the flags themselves, with their defaults, are defined in flags.py.
 
 Flags use the names Hugging Face users know (--learning_rate, --per_device_train_batch_size, ...).
-Every flag defaults to None so that "given" can be told from "not given": DEFAULTS, then the
-recipe named by --model (recipes.py), then the flags given, win in that order. Bad values are
-refused here, before anything is loaded or written, with one line naming the flag.
+Every setting is resolved one way (resolve): the first of the command line, the --config file,
+the launcher's environment, the recipe named by --model (recipes.py) and the flag's default
+(flags.py) that sets it wins; a few values are then derived from others (derive).
+`--print_config` shows each value and where it came from. Bad values are refused here, before
+anything is loaded or written, with one line naming the flag.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -16,7 +19,7 @@ import torch
 
 from machinery import distributed, flags
 from machinery.flags import TRACKERS
-from machinery.recipes import DEFAULTS, RECIPES
+from machinery.recipes import RECIPES
 
 
 
@@ -25,15 +28,14 @@ class UsageError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = flags.parser()
-    p.set_defaults(**config_file(p, argv))
-    args = p.parse_args(argv)
-    # one name in config.json
-    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type
-    args.report_to = trackers(args.report_to)
-    from_accelerate_launch(args)
-    apply_recipe(args)
+    """spin.py's settings: resolved, derived, checked. With --print_config they are printed with
+    where each came from, and the program exits (status 0, or 2 with the check that failed)."""
+    args, sources = resolve(flags.parser(), argv, derive=derive)
+    if args.print_config:
+        print(describe(run_config(args), sources))
     validate(args)
+    if args.print_config:  # like --help: nothing is loaded or written
+        raise SystemExit(0)
     return args
 
 
@@ -48,7 +50,7 @@ def trackers(names) -> list[str]:
 
 
 DERIVED = {"recipe", "world_size"}  # in a run's config.json, recomputed rather than read
-NOT_CONFIG = {"rank", "local_rank", "plot", "config"}  # never written to config.json
+NOT_CONFIG = {"rank", "local_rank", "plot", "config", "print_config"}  # never in config.json
 
 
 def pairs_per_step(args) -> int:
@@ -91,14 +93,82 @@ def run_main(main, argv=None) -> int:
     return 0
 
 
-def config_file(parser: argparse.ArgumentParser, argv) -> dict:
-    """The values of --config FILE (YAML or JSON, flag names as keys), as the parser's defaults, so
-    that flags given on the command line still win. Unknown keys are refused by name."""
+UNSET = object()  # a flag the command line did not give (argparse fills no default over it)
+
+
+def resolve(parser: argparse.ArgumentParser, argv=None, launcher: bool = True,
+            derive=None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Every setting of `parser`'s flags, each from the first that sets it of: the command line,
+    --config FILE, the launcher's environment (launcher=True), the recipe that --model names, the
+    flag's default; then derive(args, sources), if given, computes the values that follow from
+    others. Returns the settings and where each came from ({name: source}); a recipe's name becomes
+    its model (args.recipe keeps the name). --help shows every flag's default as a run of this
+    command line without that flag would take it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = early_flags(parser, argv, ("config", "model", "deepspeed"))
+    actions = [a for a in parser._actions if a.default is not argparse.SUPPRESS]
+    layers = [("default", {a.dest: a.default for a in actions})]
+    config = config_file(parser, early["config"]) if early.get("config") else {}
+    name = early.get("model") or config.get("model") or layers[0][1]["model"]
+    recipe = {k: v for k, v in RECIPES.get(name, {}).items() if k in layers[0][1] and k != "model"}
+    layers.append((f"recipe {name}", recipe))
+    if launcher:
+        given_elsewhere = early.get("deepspeed") is not None or "deepspeed" in config
+        layers.append(("launcher environment", launcher_environment(given_elsewhere)))
+    layers.append((f"config file {early.get('config')}", config))
+    # what --help shows: each flag's value in a run of this command line without that flag
+    without_model = merged(layers)
+    shown, shown_from = settings(*merged([*layers, ("command line", {"model": name})]), derive)
+    for action in actions:
+        values, sources = without_model if action.dest == "model" else (vars(shown), shown_from)
+        action.default, action.source = values[action.dest], sources[action.dest]
+    return settings(*merged([*layers, ("command line", command_line(parser, argv))]), derive)
+
+
+def settings(values: dict, sources: dict[str, str],
+             derive=None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The merged values as a run's settings: a recipe's name replaced by its model, then the
+    derived values."""
+    args = argparse.Namespace(**copy.deepcopy(values))  # no list shared with a recipe
+    if args.model in RECIPES:
+        args.recipe, args.model = args.model, RECIPES[args.model]["model"]
+        sources["recipe"], sources["model"] = sources["model"], f"recipe {args.recipe}"
+    else:
+        args.recipe, sources["recipe"] = None, "derived"
+    if derive:
+        derive(args, sources)
+    return args, sources
+
+
+def merged(layers: list[tuple[str, dict]]) -> tuple[dict, dict[str, str]]:
+    """The layers' values, each later layer over the earlier ones, and the layer each came from."""
+    values, sources = {}, {}
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    return values, sources
+
+
+def early_flags(parser: argparse.ArgumentParser, argv: list[str], names) -> dict:
+    """A few flags as the command line gives them, read before the full parse (the recipe, config
+    file and launcher settings that --help shows depend on them); None where not given."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if path is None:
-        return {}
+    for action in parser._actions:
+        if action.dest in names and action.option_strings:
+            pre.add_argument(*action.option_strings, dest=action.dest, default=None)
+    return vars(pre.parse_known_args(argv)[0])
+
+
+def command_line(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The flags the command line gives, {name: value}: parsed over a namespace in which every
+    flag is UNSET, so that argparse fills in no default (--help prints and exits here)."""
+    unset = argparse.Namespace(**{a.dest: UNSET for a in parser._actions})
+    return {k: v for k, v in vars(parser.parse_args(argv, unset)).items() if v is not UNSET}
+
+
+def config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The values of --config FILE (YAML or JSON, flag names as keys), {name: value}; a key set to
+    null is left out (not set). Unknown keys are refused by name."""
     import yaml  # a dependency of transformers
 
     try:
@@ -117,14 +187,17 @@ def config_file(parser: argparse.ArgumentParser, argv) -> dict:
             raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. "
                              f"learning_rate)")
         action, value = actions[key], given[key]
+        if value is None:
+            continue
         key = action.dest
         if action.nargs in ("+", "*") and not isinstance(value, list):
             value = [value]  # learning_rate: 5e-7, one value for every iteration
         convert = action.type or (lambda v: v)
         try:  # strings as the command line would give them ("5e-7" is a string in YAML)
-            values[key] = [convert(v) if isinstance(v, str) else v
-                           for v in value] if isinstance(value, list) else \
-                convert(value) if isinstance(value, str) else value
+            if action.nargs in ("+", "*"):
+                values[key] = [convert(v) if isinstance(v, str) else v for v in value]
+            else:  # a list here is already parsed (eval_tasks as config.json records it)
+                values[key] = convert(value) if isinstance(value, str) else value
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise UsageError(f"--config {path}: {key}: {e}") from None
         # report_to: a list, maybe empty
@@ -135,26 +208,42 @@ def config_file(parser: argparse.ArgumentParser, argv) -> dict:
     return values
 
 
-def apply_recipe(args) -> None:
-    """Every flag not given takes the recipe's value (--model NAME), else the default."""
-    recipe = RECIPES.get(args.model, {})
-    accumulation_given = args.gradient_accumulation_steps is not None
-    wants_flash = recipe.get("attn_implementation") == "flash_attention_2"
-    if args.attn_implementation is None and wants_flash and not flash_attention_available():
-        # the recipe's choice where it can run; asked for by name, it is refused
-        args.attn_implementation = "sdpa"
-    for key, value in {**DEFAULTS, **recipe}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.recipe = args.model if recipe else None
-    args.model = recipe.get("model", args.model)
-    args.output_dir = args.output_dir or os.path.join("runs", args.recipe or Path(args.model).name
-                                                      or "model")
+def derive(args, sources: dict[str, str]) -> None:
+    """The settings spin.py computes from others: one name per loss and tracker, the run
+    directory's name, the number of processes, the accumulation that keeps --global_batch_size,
+    and sdpa where the recipe's FlashAttention-2 cannot run."""
+    args.loss_type = "logistic" if args.loss_type == "sigmoid" else args.loss_type  # one name
+    args.report_to = trackers(args.report_to)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", args.recipe or Path(args.model).name or "model")
+        sources["output_dir"] = "derived"
     args.rank, args.world_size = distributed.world()
+    sources["world_size"] = "launcher environment" if "WORLD_SIZE" in os.environ else "default"
     # the paper's 64 pairs, on any number of GPUs
-    if args.global_batch_size and not accumulation_given:
+    if args.global_batch_size and sources["gradient_accumulation_steps"] == "default":
         per_step = args.per_device_train_batch_size * args.world_size
         args.gradient_accumulation_steps = max(1, args.global_batch_size // per_step)
+        sources["gradient_accumulation_steps"] = "derived"
+    attention_fallback(args, sources)
+
+
+def attention_fallback(args, sources: dict[str, str]) -> None:
+    """A recipe's FlashAttention-2 where it can run, else sdpa; asked for by name (command line,
+    config file), it is refused where it cannot run (check_packages)."""
+    from_recipe = sources["attn_implementation"].startswith("recipe")
+    if args.attn_implementation == "flash_attention_2" and from_recipe and \
+            not flash_attention_available():
+        args.attn_implementation, sources["attn_implementation"] = "sdpa", "derived"
+
+
+def describe(settings: dict, sources: dict[str, str]) -> str:
+    """--print_config: each setting, its value as config.json records it, and where it came from
+    (default, recipe NAME, config file FILE, command line, launcher environment, derived)."""
+    values = {k: json.dumps(v, ensure_ascii=False) for k, v in settings.items()}
+    name_width = max(map(len, values))
+    value_width = min(40, max(map(len, values.values())))
+    return "\n".join(f"{k:<{name_width}}  {v:<{value_width}}  {sources.get(k, 'derived')}"
+                     for k, v in values.items())
 
 
 def flash_attention_available() -> bool:
@@ -163,31 +252,33 @@ def flash_attention_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def from_accelerate_launch(args) -> None:
+def launcher_environment(deepspeed_given: bool) -> dict:
     """`accelerate launch --config_file CONFIG spin.py ...` (how alignment-handbook and the
     official SPIN code launch): its DeepSpeed settings stand for --deepspeed and its bf16 for
-    --bf16, unless given. Accelerate passes them in the environment; this project runs its own
-    ZeRO-3 loop with them."""
+    --bf16. Accelerate passes them in the environment; this project runs its own ZeRO-3 loop with
+    them."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
-        return
-    if args.bf16 is None and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16":
-        args.bf16 = True
-    if args.deepspeed is None:
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            args.deepspeed = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-        elif stage == "3":
-            args.deepspeed = str(Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json")
-        else:
-            raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe "
-                             f"trains with ZeRO-3; set zero_stage: 3 or deepspeed_config_file in "
-                             f"the accelerate config, or pass --deepspeed")
+        return {}
+    settings = {"bf16": True} if os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" else {}
+    if deepspeed_given:  # --deepspeed on the command line or in --config wins
+        return settings
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        settings["deepspeed"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    elif stage == "3":
+        settings["deepspeed"] = str(Path(__file__).resolve().parents[1] / "configs" /
+                                    "ds_zero3.json")
+    else:
+        raise UsageError(f"accelerate launch with DeepSpeed ZeRO stage {stage}: SPIN's recipe "
+                         f"trains with ZeRO-3; set zero_stage: 3 or deepspeed_config_file in "
+                         f"the accelerate config, or pass --deepspeed")
+    return settings
 
 
 def validate(args) -> None:
+    check_generation(args)
     checks = [
         (args.iters >= 1, "--iters must be at least 1"),
-        (args.seed >= 0, "--seed must be 0 or more"),
         (args.beta > 0, "--beta (λ) must be positive"),
         (all(lr > 0 for lr in args.learning_rate), "--learning_rate values must be positive"),
         (args.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
@@ -199,14 +290,8 @@ def validate(args) -> None:
          f"{args.gradient_accumulation_steps} × {args.world_size} processes"),
         (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.max_grad_norm > 0, "--max_grad_norm must be positive"),
-        (args.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
         (args.max_length > args.max_prompt_length,
          "--max_length must exceed --max_prompt_length, or no response token fits"),
-        (args.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
-        (args.temperature > 0, "--temperature must be positive (use --greedy for argmax decoding)"),
-        (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
-        (args.generation_batch_size >= 1, "--generation_batch_size must be at least 1"),
-        (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.eval_samples >= 0, "--eval_samples must be 0 (no held-out evaluation) or more"),
         (args.eval_limit is None or args.eval_limit >= 1, "--eval_limit must be at least 1"),
@@ -214,15 +299,11 @@ def validate(args) -> None:
          "--eval_tasks needs at least one task name"),
         (args.eval_include_path is None or Path(args.eval_include_path).is_dir(),
          f"--eval_include_path {args.eval_include_path}: no such directory"),
-        (args.dataset is not None, f"--dataset is required with --model {args.model} (not a "
-                                   f"recipe)"),
         (args.deepspeed is None or Path(args.deepspeed).is_file(),
          f"--deepspeed {args.deepspeed}: no such file"),
         (args.world_size == 1 or args.deepspeed, f"{args.world_size} processes were launched "
                                                  f"without --deepspeed; pass --deepspeed "
                                                  f"configs/ds_zero3.json"),
-        (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
-         "--attn_implementation must be eager, sdpa or flash_attention_2"),
     ]
     for ok, message in checks:
         if not ok:
@@ -232,6 +313,26 @@ def validate(args) -> None:
     if args.deepspeed:
         check_deepspeed_precision(args)
     check_adapters(args)
+
+
+def check_generation(args) -> None:
+    """The flags spin.py and generate.py share: the model, the data and how y' is sampled."""
+    checks = [
+        (args.seed >= 0, "--seed must be 0 or more"),
+        (args.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
+        (args.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+        (args.temperature > 0, "--temperature must be positive (use --greedy for argmax decoding)"),
+        (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+        (args.generation_batch_size >= 1, "--generation_batch_size must be at least 1"),
+        (args.max_samples is None or args.max_samples >= 1, "--max_samples must be at least 1"),
+        (args.dataset is not None, f"--dataset is required with --model {args.model} (not a "
+                                   f"recipe)"),
+        (args.attn_implementation in (None, "eager", "sdpa", "flash_attention_2"),
+         "--attn_implementation must be eager, sdpa or flash_attention_2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def check_packages(args) -> None:

@@ -1,60 +1,11 @@
 """Named recipes: `--model NAME` picks a model AND the settings it was trained with.
 
-Resolution order, lowest first: DEFAULTS, then the recipe (when --model names one), then every
-flag given explicitly on the command line. The resolved configuration is printed at the start of
-a run and written to <output_dir>/config.json.
+A setting comes from the first of these that sets it (machinery/cli.py, resolve): the command
+line, a --config file, the launcher's environment, the recipe, the flag's default in flags.py.
+So every entry of a recipe applies unless the command line or a config file says otherwise.
+`python spin.py --model NAME --print_config` lists the resolved settings and where each came
+from; a run writes them to <output_dir>/config.json.
 """
-
-DEFAULTS = dict(  # without a recipe: the paper's settings where they do not depend on the model
-    dataset=None,  # required when --model is not a recipe
-    dataset_split="train",
-    model_revision=None,  # the hub's main branch
-    dataset_revision=None,
-    dataset_config=None,
-    max_samples=None,  # all prompts
-    system_prompt=None,  # conversations are rendered as they are
-    chat_template_kwargs=None,
-    iters=4,
-    beta=0.1,  # λ in the paper
-    learning_rate=[5e-7, 5e-7, 1e-7, 1e-7],  # one per iteration; the last repeats
-    num_train_epochs=2,
-    per_device_train_batch_size=8,
-    gradient_accumulation_steps=1,
-    global_batch_size=None,  # set: derives gradient_accumulation_steps from the number of GPUs
-    warmup_ratio=0.1,
-    max_grad_norm=1.0,  # Hugging Face Trainer's default, which the official code runs under
-    # random optimizer steps, as the paper's; on: similar-length pairs (batching.grouped_by_length)
-    group_by_length=False,
-    # each forward's sequences packed into rows without padding where the model allows
-    # (batching.pack)
-    padding_free=True,
-    # log p(y|x) through machinery/logps.py; False: loss.sequence_logps on the logits
-    fast_logps=True,
-    max_length=1024,
-    max_prompt_length=512,
-    max_new_tokens=256,
-    temperature=1.0,
-    top_p=1.0,
-    generation_batch_size=64,
-    bf16=False,
-    gradient_checkpointing=False,
-    deepspeed=None,
-    # every weight trains; True: LoRA adapters on a frozen base (machinery/adapters.py)
-    use_peft=False,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules=["all-linear"],
-    load_in_4bit=False,
-    load_in_8bit=False,
-    bnb_4bit_quant_type="nf4",
-    use_bnb_nested_quant=False,
-    eval_dataset=None,  # None: the toy's test split, or rows taken out of --dataset
-    eval_split="test",
-    eval_samples=200,
-    eval_tasks=None,
-    eval_limit=None,
-    eval_include_path=None,
-)
 
 RECIPES = {
     # The paper's recipe (arXiv 2401.01335v3 §5.1 and the official configs): see

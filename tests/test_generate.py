@@ -58,7 +58,8 @@ def test_generate_cli_writes_every_prompt_once(small_sft_model, tmp_path):
     generate.main(["--model", str(small_sft_model), "--data", "toy", "--max_samples", "20",
                    "--max_new_tokens", "12", "--out", str(out)])
     rows = read_jsonl(out)
-    assert [r["id"] for r in rows] == list(range(20))
+    # --max_samples 20: drawn with --seed (42), in the data's order, as spin.py draws them
+    assert [r["id"] for r in rows] == [r["id"] for r in data.subsample(data.load_rows("toy"), 20, 42)]
     assert all(set(r) >= {"generated", "generated_ids", "ended", "real"} for r in rows)
 
 
@@ -100,3 +101,58 @@ def test_the_models_own_sampling_settings_do_not_apply(tokenizer):
     sampled = generate.generate(model, tokenizer, prompts * 4, generate.Sampling(max_new_tokens=12), seed=0)
     assert [s["generated_ids"] for s in sampled[:5]] != [g["generated_ids"] for g in greedy]  # top_k=1 is off
     assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
+def test_generate_cli_takes_spin_names_and_its_old_names_alike(small_sft_model, tmp_path):
+    """--dataset/--dataset_split/--generation_batch_size (spin.py's names) and --data/--split/
+    --batch_size (generate.py's earlier ones) are the same flags; --max_samples draws its prompts
+    with --seed, as spin.py does."""
+    common = ["--model", str(small_sft_model), "--max_samples", "12", "--seed", "3",
+              "--max_new_tokens", "8"]
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    generate.main([*common, "--dataset", "toy", "--dataset_split", "train",
+                   "--generation_batch_size", "5", "--out", str(new)])
+    generate.main([*common, "--data", "toy", "--split", "train", "--batch_size", "5",
+                   "--out", str(old)])
+    assert read_jsonl(new) == read_jsonl(old)
+    drawn = data.subsample(data.load_rows("toy", "train"), 12, 3)
+    assert [r["id"] for r in read_jsonl(new)] == [r["id"] for r in drawn]
+
+
+def test_generate_resolves_a_recipe_as_spin_does():
+    """--model RECIPE: the recipe's model (at its revision) and its sampling settings; the toy's
+    model is "toy", which models.load_model builds (toy.sft_model_path)."""
+    from machinery import cli, flags
+
+    def resolved(*argv):
+        return cli.resolve(flags.generate_parser(), [*argv, "--out", "s.jsonl"], launcher=False,
+                           derive=cli.attention_fallback)[0]
+
+    toy = resolved("--model", "toy", "--dataset", "toy")
+    assert (toy.model, toy.recipe, toy.dataset, toy.max_new_tokens, toy.generation_batch_size,
+            toy.max_prompt_length, toy.seed) == ("toy", "toy", "toy", 16, 500, 32, 42)
+    zephyr = resolved("--model", "zephyr-7b-sft-full", "--batch_size", "8")
+    assert (zephyr.model, zephyr.model_revision, zephyr.bf16, zephyr.generation_batch_size) == \
+        ("alignment-handbook/zephyr-7b-sft-full", "ac6e600eefcce74f5e8bae1035d4f66019e93190",
+         True, 8)
+    assert zephyr.attn_implementation == "sdpa"  # the recipe's flash_attention_2 needs a GPU
+
+
+def test_generate_cli_samples_under_bf16_as_spin_does(small_sft_model, tmp_path):
+    """--bf16 reaches sampling (generate.Sampling.of_run, as spin.py builds it), on the device
+    spin.py uses (machinery/distributed.device: the GPU when there is one; this machine: CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "bf16.jsonl"
+    generate.main(["--model", str(small_sft_model), "--dataset", "toy", "--max_samples", "40",
+                   "--max_new_tokens", "12", "--greedy", "--bf16", "--out", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(small_sft_model)
+    model = AutoModelForCausalLM.from_pretrained(small_sft_model)
+    rows = data.subsample(data.load_rows("toy", "train"), 40, 42)
+    prompts = [data.ChatFormat(tokenizer).prompt_ids(r["messages"]) for r in rows]
+    sampled = {bf16: [r["generated_ids"] for r in generate.generate(
+        model, tokenizer, prompts, generate.Sampling(max_new_tokens=12, do_sample=False,
+                                                     bf16=bf16), seed=42)]
+        for bf16 in (True, False)}
+    assert [r["generated_ids"] for r in read_jsonl(out)] == sampled[True]
+    assert sampled[True] != sampled[False]  # bf16 autocast changes some argmax: the flag mattered
