@@ -187,8 +187,8 @@ def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path,
     row = {}
     if heldout["rows"]:
         previous = checkpoint.read_jsonl(run / "eval" / f"model{s - 1}.jsonl") if s else None
-        samples = sample_and_score(model, tokenizer, heldout, s, previous, args,
-                                   run / "eval" / f"model{s}.jsonl", stop)
+        samples = sample_and_score(model, tokenizer, heldout, s, previous, args=args,
+                                   path=run / "eval" / f"model{s}.jsonl", stop=stop)
         row.update(metrics(samples, previous, args.beta, args.loss_type))
     if args.dataset == "toy":
         # greedy, all 500 prompts in one batch

@@ -275,8 +275,8 @@ class Report:
             hub.push(self.args, self.run, t)
 
     def evaluate(self, model, s: int) -> dict:
-        return evaluation.evaluate(model, self.tokenizer, s, self.data.heldout, self.args, self.run,
-                                   self.data.stop)
+        return evaluation.evaluate(model, self.tokenizer, s, heldout=self.data.heldout,
+                                   args=self.args, run=self.run, stop=self.data.stop)
 
     def log_step(self, record: dict) -> None:
         if self.tracker:
