@@ -297,6 +297,10 @@ def validate(args) -> None:
         (args.eval_limit is None or args.eval_limit >= 1, "--eval_limit must be at least 1"),
         (args.eval_tasks is None or len(args.eval_tasks) > 0,
          "--eval_tasks needs at least one task name"),
+        (len(args.eval_models) > 0 and all(m in ("all", "start", "last") or m.isdigit()
+                                           and int(m) <= args.iters for m in args.eval_models),
+         f"--eval_models {','.join(args.eval_models)}: all, start, last or model numbers 0.."
+         f"{args.iters} (θ_s is made by iteration s-1), comma-separated"),
         (args.eval_include_path is None or Path(args.eval_include_path).is_dir(),
          f"--eval_include_path {args.eval_include_path}: no such directory"),
         (args.deepspeed is None or Path(args.deepspeed).is_file(),

@@ -22,7 +22,9 @@ and for every s:
     eval_real_length, eval_generated_length   mean tokens of y and of y'_s
     eval_ended                 fraction of y'_s that ended on a stop id (others: max_new_tokens)
 
-`--eval_tasks` adds lm-evaluation-harness scores of θ_s (lm_eval_scores below).
+`--eval_tasks` adds lm-evaluation-harness scores of the models `--eval_models` names
+(lm_eval_scores below); `--eval_tasks paper` is the paper's evaluation, its settings in
+evals/paper.py.
 """
 import functools
 import json
@@ -32,7 +34,9 @@ from pathlib import Path
 import torch
 
 from machinery import checkpoint
+from machinery.distributed import print0
 import data
+from evals import paper
 import generate as gen
 import toy
 from machinery.logps import Scoring, score_all
@@ -119,55 +123,133 @@ def metrics(samples: list[dict], previous: list[dict] | None, beta: float, loss_
 
 
 def lm_eval_scores(model, tokenizer, args, path: Path) -> dict:
-    """lm-evaluation-harness on θ_s, in this process on the loaded model: {"task/metric": value}.
-    The full results (versions, configs, stderr) go to `path`; a saved file is reused."""
+    """lm-evaluation-harness on θ_s, in this process on the loaded model: {"task/metric": value},
+    and for --eval_tasks paper {"paper/<column>": value} (evals/paper.py). The full results
+    (scores, task versions and configs, shots, the harness version) go to `path`; a saved file is
+    reused."""
     if path.exists():
         results = json.loads(path.read_text())
     else:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.generation_batch_size,
-                  device=str(next(model.parameters()).device))
-        output = lm_eval.simple_evaluate(model=lm, tasks=args.eval_tasks,
-                                         task_manager=task_manager(args),
-                                         limit=args.eval_limit, log_samples=False,
-                                         random_seed=args.seed,
-                                         numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                         fewshot_random_seed=args.seed)
-        results = {k: output[k] for k in ("results", "versions", "n-shot", "configs")
-                   if k in output}
+        results = run_harness(model, tokenizer, tasks=args.eval_tasks, limit=args.eval_limit,
+                              batch_size=args.generation_batch_size,
+                              include_path=args.eval_include_path)
         path.parent.mkdir(exist_ok=True)
         checkpoint.write_atomic(path, json.dumps(results, indent=1, default=str))
-    return {f"{task}/{metric.split(',')[0]}": value for task, scores in results["results"].items()
-            for metric, value in scores.items()
-            if isinstance(value, (int, float)) and "stderr" not in metric
-            and metric != "sample_len"}
+    # a results file saved before the harness version was recorded has none
+    return {**flat_scores(results), "lm_eval_version": results.get("harness", {}).get("lm_eval")}
 
 
-def task_manager(args):
-    """lm-eval's task index: its built-in tasks, this repository's evals/ and
-    --eval_include_path."""
-    return _task_manager(str(Path(__file__).resolve().parents[1] / "evals"), args.eval_include_path)
+def run_harness(model, tokenizer, *, tasks: list[str], limit: int | None, batch_size: int,
+                include_path: str | None = None) -> dict:
+    """lm-evaluation-harness on a loaded model (spin.py's θ_s, or evals/paper.py's --model):
+    `tasks` are lm-eval task names and/or "paper", the group of evals/paper.py's SETTINGS. The
+    chat template is not applied (paper.CHAT_TEMPLATE); the seeds are lm-eval's defaults, which
+    the paper's harness had too (random 0; numpy, torch and the few-shot sampler 1234)."""
+    import importlib.metadata
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    specs = [paper_group(include_path) if t == "paper" else t for t in tasks]
+    # transformers lets a max_new_tokens of the model's generation_config.json win over the
+    # max_length lm-eval passes (generation/utils.py): say so, generated answers are cut there
+    cap = model.generation_config.max_new_tokens
+    if cap:
+        print0(f"note: the model's generation_config sets max_new_tokens={cap}: lm-eval's "
+               f"generated answers (GSM8k, BBH) stop after {cap} tokens, not at the task's "
+               f"max_gen_toks")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(next(model.parameters()).device))
+    output = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(
+        str(EVALS), include_path), limit=limit, log_samples=False, **paper.CHAT_TEMPLATE)
+    results = {k: output[k] for k in ("results", "group_subtasks", "versions", "n-shot",
+                                      "n-samples", "configs") if k in output}
+    results["harness"] = {"lm_eval": importlib.metadata.version("lm_eval"),
+                          "paper": paper.PAPER_HARNESS, **paper.CHAT_TEMPLATE,
+                          "seeds": "lm-eval's defaults", "limit": limit,
+                          "model_max_new_tokens": cap}
+    return results
+
+
+def flat_scores(results: dict) -> dict:
+    """{"task/metric": value} of every task outside the paper's group, and the paper's columns."""
+    groups = results.get("group_subtasks", {})
+    paper_names = set(paper.under(groups, paper.GROUP)) if paper.GROUP in groups else set()
+    out = {f"{task}/{metric.split(',')[0]}": value
+           for task, scores in results["results"].items() if task not in paper_names
+           for metric, value in scores.items()
+           if isinstance(value, (int, float)) and "stderr" not in metric
+           and metric != "sample_len"}
+    return {**out, **(paper.scores(results) if paper_names else {})}
+
+
+def lm_eval_report(results: dict, name: str) -> str:
+    """What evals/paper.py prints for one model: the paper's table, and any other task's scores."""
+    scores = flat_scores(results)
+    lines = [f"{k}: {v:.4f}" for k, v in scores.items() if not k.startswith("paper/")]
+    if any(k.startswith("paper/") for k in scores):
+        lines.append(paper.table([(name, scores)], results["harness"]["lm_eval"]))
+    return "\n".join(lines)
+
+
+EVALS = Path(__file__).resolve().parents[1] / "evals"  # this repository's lm-eval tasks
 
 
 @functools.cache  # indexing every task YAML takes ~10 s: once per process
 def _task_manager(*paths):
+    """lm-eval's task index: its built-in tasks, this repository's evals/ and an include path
+    (--eval_include_path)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[p for p in paths if p])
 
 
-def check_tasks(args) -> None:
-    """Refuse unknown --eval_tasks before anything is written (indexing lm-eval's tasks takes ~10
-    s)."""
+@functools.cache  # loading its ~65 data sets: once per process (checked at the start, then run)
+def paper_group(include_path: str | None = None):
+    """The loaded lm-eval group of evals/paper.py's SETTINGS; refused with one line if a task's
+    data has fewer few-shot examples than the paper's shots."""
+    import datasets
+    from lm_eval.tasks._index import TaskIndex
     from machinery.cli import UsageError
 
-    known = set(task_manager(args).all_tasks)
-    unknown = [t for t in args.eval_tasks if t not in known]
+    manager = _task_manager(str(EVALS), include_path)
+    # Registered by name rather than passed as a dict: lm-eval 0.4.13 hands a top-level dict's own
+    # `task` list down to a member group's subtasks as their name (tasks/_factory.py, build).
+    manager.task_index[paper.GROUP] = TaskIndex.entry_from_config(
+        paper.group_spec(offline=datasets.config.HF_HUB_OFFLINE))
+    loaded = manager.load([paper.GROUP])
+    short = paper.short_of_shots(loaded["tasks"])
+    if short:
+        raise UsageError(f"--eval_tasks paper: {short[0]}" + (f" (and {len(short) - 1} more "
+                                                               f"tasks)" if len(short) > 1 else ""))
+    return loaded["groups"][paper.GROUP]
+
+
+def check_task_names(tasks: list[str], include_path: str | None, flag: str,
+                     include_flag: str = "--eval_include_path") -> None:
+    """Refuse unknown task names before anything is written (indexing lm-eval's tasks takes ~10
+    s); "paper" is loaded here, so that missing data is said before training, not after."""
+    from machinery.cli import UsageError
+
+    known = set(_task_manager(str(EVALS), include_path).all_tasks) | {"paper"}
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise UsageError(f"--eval_tasks: unknown lm-eval task {unknown[0]!r} (lm_eval ls tasks "
-                         f"lists them; local YAML tasks go in evals/ or --eval_include_path)")
+        raise UsageError(f"{flag}: unknown lm-eval task {unknown[0]!r} (lm_eval ls tasks "
+                         f"lists them; local YAML tasks go in evals/ or {include_flag})")
+    if "paper" in tasks:
+        paper_group(include_path)
+
+
+def check_tasks(args) -> None:
+    """spin.py's --eval_tasks, checked before anything is written."""
+    check_task_names(args.eval_tasks, args.eval_include_path, "--eval_tasks")
+
+
+def evaluated(s: int, args) -> bool:
+    """Whether --eval_models names θ_s (0: the start; args.iters: the last)."""
+    names = set(args.eval_models)
+    return bool("all" in names or str(s) in names or (s == 0 and "start" in names)
+                or (s == args.iters and "last" in names))
 
 
 def toy_metrics(model, tokenizer, split: str = "test", max_new_tokens: int = 16,
@@ -187,12 +269,12 @@ def evaluate(model, tokenizer, s: int, heldout: dict, args, run: Path,
     row = {}
     if heldout["rows"]:
         previous = checkpoint.read_jsonl(run / "eval" / f"model{s - 1}.jsonl") if s else None
-        samples = sample_and_score(model, tokenizer, heldout, s, previous, args=args,
+        samples = sample_and_score(model, tokenizer, heldout, s=s, previous=previous, args=args,
                                    path=run / "eval" / f"model{s}.jsonl", stop=stop)
         row.update(metrics(samples, previous, args.beta, args.loss_type))
     if args.dataset == "toy":
-        # greedy, all 500 prompts in one batch
+        # greedy, all 200 test prompts (data.TOY_TEST) in one batch of up to 500
         row.update(toy_metrics(model, tokenizer, "test", args.max_new_tokens))
-    if args.eval_tasks:
+    if args.eval_tasks and evaluated(s, args):
         row.update(lm_eval_scores(model, tokenizer, args, run / "eval" / f"lm_eval_model{s}.json"))
     return row

@@ -291,8 +291,15 @@ def add_reporting_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_samples", type=int, metavar="N", default=200,
                    help="held-out prompts evaluated after every iteration; 0: none")
     g.add_argument("--eval_tasks", type=lambda s: [t for t in s.split(",") if t], default=None,
-                   metavar="TASKS", help="lm-evaluation-harness tasks run on every model, "
-                                         "comma-separated (pip install lm_eval)")
+                   metavar="TASKS", help="lm-evaluation-harness tasks run on the models "
+                                         "--eval_models names, comma-separated (pip install -r "
+                                         "requirements-eval.txt); paper: the paper's evaluation "
+                                         "(evals/paper.py, docs/evaluation.md); none: no tasks")
+    g.add_argument("--eval_models", type=lambda s: [m for m in s.split(",") if m],
+                   default=["all"], metavar="MODELS",
+                   help="which models --eval_tasks evaluates, comma-separated: all, start (θ_0), "
+                        "last (θ_iters), or numbers s (θ_s, made by iteration s-1); the paper's "
+                        "tasks are long on a 7B model")
     g.add_argument("--eval_limit", type=int, metavar="N", default=None,
                    help="at most this many examples per --eval_tasks task; none: all")
     g.add_argument("--eval_include_path", metavar="DIR", default=None,

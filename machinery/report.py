@@ -16,6 +16,7 @@ import data
 from machinery import distributed
 from machinery.distributed import print0
 from machinery import evaluation
+from evals import paper
 import generate as gen
 from machinery import hub
 from machinery import models
@@ -29,9 +30,11 @@ TOY = ["accuracy", "tv_distance"]
 
 def columns(start: dict) -> list[str]:
     """The table's columns for a run, from what its start row measured."""
+    # of the paper's columns only their mean: the whole table follows the run (paper_table)
+    tasks = sorted(k for k in start if "/" in k and (not k.startswith("paper/")
+                                                     or k == "paper/Average"))
     return (["iteration"] + TRAINING + (HELDOUT if "eval_real_logp" in start else [])
-            + (TOY if "accuracy" in start else []) + sorted(k for k in start if "/" in k)
-            + ["seconds"])
+            + (TOY if "accuracy" in start else []) + tasks + ["seconds"])
 
 
 def print_header(cols: list[str]) -> None:
@@ -65,9 +68,31 @@ def print_summary(summary: list[dict], showcase: dict, run) -> None:
            f"iter*/metrics.jsonl, iter*/synthetic.jsonl, iter*/model, eval/)")
 
 
+def model_name(s: int) -> str:
+    """θ_s as the tables name it, with its directory in the run."""
+    return "θ_0 (start)" if s == 0 else f"θ_{s} (iter{s - 1}/model)"
+
+
+def paper_table(models: list[tuple[str, dict]]) -> str | None:
+    """The paper's evaluation of the named models that ran it (--eval_tasks paper), beside the
+    paper's numbers (evals/paper.py); None if none did."""
+    measured = [(name, row) for name, row in models if "paper/Average" in row]
+    if not measured:
+        return None
+    return paper.table(measured, measured[-1][1]["lm_eval_version"])
+
+
+def paper_card_lines(t: int, start: dict, row: dict) -> list[str]:
+    """The model card's part for --eval_tasks paper: this model (and the start, if it was
+    evaluated) beside the paper's numbers, with the harness version."""
+    compared = paper_table([("θ_0 (start)", start), (f"θ_{t + 1} (this model)", row)])
+    return ["The paper's evaluation (--eval_tasks paper, docs/evaluation.md):", "", compared,
+            ""] if compared else []
+
+
 def evaluation_rows(summary: list[dict]) -> list[dict]:
     """One row per model θ_s: what was measured on held-out data (no training numbers)."""
-    keep = {"eval_", "accuracy", "tv_distance", "valid_mass"}
+    keep = {"eval_", "accuracy", "tv_distance", "valid_mass", "lm_eval_version"}
     return [{"model": s, "path": "start" if s == 0 else f"iter{s - 1}/model",
              **{k: v for k, v in row.items() if "/" in k or any(k.startswith(p) for p in keep)}}
             for s, row in enumerate(summary)]
@@ -182,7 +207,7 @@ def model_card(config: dict, row: dict, start: dict) -> str:
     t = row["iteration"]
     base = config["model"]
     measured = evaluation_rows([start, row])
-    keys = [k for k in measured[1] if k not in ("model", "path")]
+    keys = [k for k in measured[1] if k not in ("model", "path") and not k.startswith("paper/")]
     # base_model is the model this one was trained from, θ_t: the start for iteration 0; for later
     # iterations iter{t-1}/model, a local directory, which the Hub metadata cannot name.
     # LoRA adapters on the frozen base `base`, every iteration
@@ -229,6 +254,7 @@ def model_card(config: dict, row: dict, start: dict) -> str:
         "| metric | start | this model |", "|---|---|---|",
         *[f"| {k} | {fmt(measured[0].get(k, ''))} | {fmt(measured[1][k])} |" for k in keys],
         "",
+        *paper_card_lines(t, start, row),
         "The full configuration is the run's config.json:",
         "",
         "```json", json.dumps(config, indent=1), "```", "",
@@ -275,7 +301,7 @@ class Report:
             hub.push(self.args, self.run, t)
 
     def evaluate(self, model, s: int) -> dict:
-        return evaluation.evaluate(model, self.tokenizer, s, heldout=self.data.heldout,
+        return evaluation.evaluate(model, self.tokenizer, s=s, heldout=self.data.heldout,
                                    args=self.args, run=self.run, stop=self.data.stop)
 
     def log_step(self, record: dict) -> None:
@@ -334,3 +360,6 @@ class Report:
         showcase = {"prompt": row["messages"][-1]["content"], "human": row["response"],
                     "model": [s["sample"] for s in summary[1:]] + [summary[-1]["sample_after"]]}
         print_summary(summary, showcase, self.run)
+        compared = paper_table([(model_name(s), row) for s, row in enumerate(summary)])
+        if compared:
+            print0("\n" + compared)

@@ -1,7 +1,13 @@
-"""Issue 6: held-out evaluation, lm-evaluation-harness, the plot, TensorBoard, model cards."""
+"""Issue 6: held-out evaluation, lm-evaluation-harness, the plot, TensorBoard, model cards.
+Issue 33: the paper's evaluation (--eval_tasks paper, python -m evals.paper), run by the real
+harness on its real task definitions, against a local Hugging Face cache that this file writes."""
+import contextlib
 import copy
+import importlib.metadata
+import io
 import json
 import math
+import shutil
 import struct
 from argparse import Namespace
 from pathlib import Path
@@ -15,6 +21,7 @@ import generate
 from machinery import plot
 import spin
 from machinery import report
+from evals import paper
 from huggingface_hub import ModelCard
 from conftest import read_jsonl, toy_run
 
@@ -112,17 +119,202 @@ def test_lm_eval_runs_offline_on_a_local_task_and_scores_what_the_model_answers(
     args = eval_args(tokenizer.pad_token_id, eval_tasks=["spin_test_echo"], eval_limit=None,
                      eval_include_path=str(tmp_path / "tasks"), generation_batch_size=16)
     scores = evaluation.lm_eval_scores(model, tokenizer, args, tmp_path / "lm_eval.json")
-    assert scores == {"spin_test_echo/exact_match": 0.5}
+    version = importlib.metadata.version("lm_eval")
+    assert scores == {"spin_test_echo/exact_match": 0.5, "lm_eval_version": version}
     saved = json.loads((tmp_path / "lm_eval.json").read_text())
     assert saved["results"]["spin_test_echo"]["sample_len"] == 40
+    assert saved["harness"]["lm_eval"] == version and saved["harness"]["limit"] is None
+
+
+# --- A local Hugging Face cache of the paper's data sets, a few rows each --------------------------
+# The hub's layout (HF_HOME/hub/datasets--ORG--NAME/refs/main -> snapshots/<commit>/), each data set
+# in its own file layout (one folder of parquet files per configuration, <split>-00000-of-00001;
+# `data/` for a single default configuration) and schema, with the README `configs` block that
+# tells `datasets` which files are which configuration. Few-shot splits hold the paper's shots + 1
+# rows (lm-eval's random sampler draws one more than the shots); MMLU's dev split its 5; test splits
+# 2 rows, of which --eval_limit 1 takes one. All 57 MMLU subjects are written (1 dev-sized block
+# each), so MMLU runs as the harness defines it, not a reduced set.
+
+COMMIT = "5" * 40  # the snapshot every refs/main points to
+
+
+def choice_rows(n: int, offset: int, make) -> list[dict]:
+    """n rows of a multiple-choice question about a sum; the right answer moves with i."""
+    return [make(i + offset, (i + offset) % 4) for i in range(n)]
+
+
+def mc(a: int, right: int) -> tuple[str, list[str]]:
+    """A sum's question and four answers, the true one at `right`."""
+    answers = [str(a + 1 + k) for k in range(1, 4)]
+    answers.insert(right, str(a + 1))
+    return f"{a}+1", answers
+
+
+def arc(a, right):
+    q, answers = mc(a, right)
+    return {"id": f"Toy_{a}", "question": q, "answerKey": "ABCD"[right],
+            "choices": {"text": answers, "label": list("ABCD")}}
+
+
+def hellaswag(a, right, split="train"):
+    q, answers = mc(a, right)
+    return {"ind": a, "activity_label": "Sums", "ctx_a": q, "ctx_b": "is", "ctx": f"{q} is",
+            "endings": answers, "source_id": f"toy~{a}", "split": split, "split_type": "indomain",
+            "label": str(right)}
+
+
+def truthfulqa(a, right):
+    q, answers = mc(a, right)
+    targets = {"choices": answers, "labels": [int(k == right) for k in range(4)]}
+    return {"question": f"What is {q}?", "mc1_targets": targets, "mc2_targets": targets}
+
+
+def mmlu(subject):
+    def row(a, right):
+        q, answers = mc(a, right)
+        return {"question": q, "subject": subject, "choices": answers, "answer": right}
+    return row
+
+
+def winogrande(a, right):
+    options = [str(a + 1), str(a + 2)]
+    return {"sentence": f"{a}+1 is _", "option1": options[right % 2],
+            "option2": options[1 - right % 2], "answer": str(right % 2 + 1)}
+
+
+def gsm8k(a, right):
+    return {"question": f"What is {a}+{a}?", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"}
+
+
+def bbh(a, right):
+    return {"input": f"Is {a}+1 equal to {a + right}?\nOptions:\n- Yes\n- No",
+            "target": "Yes" if right == 1 else "No"}
+
+
+def openbookqa(a, right):
+    q, answers = mc(a, right)
+    return {"id": f"{a}-1", "question_stem": f"{q} is", "answerKey": "ABCD"[right],
+            "choices": {"text": answers, "label": list("ABCD")}}
+
+
+def mmlu_subjects() -> list[str]:
+    """The 57 subjects, read off the installed harness's own MMLU task files."""
+    import lm_eval
+    import yaml
+
+    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    return sorted(yaml.safe_load(f.read_text())["dataset_name"] for f in folder.glob("mmlu_*.yaml"))
+
+
+def paper_data() -> dict:
+    """{hub data set: {configuration: {split: rows}}} for every task of evals/paper.py."""
+    shots = {s.task: s.shots for s in paper.SETTINGS}
+    test = 2
+    return {
+        "allenai/ai2_arc": {"ARC-Challenge": {
+            "train": choice_rows(shots["arc_challenge"] + 1, 0, arc),
+            "validation": choice_rows(1, 40, arc), "test": choice_rows(test, 60, arc)}},
+        "Rowan/hellaswag": {"default": {
+            "train": choice_rows(shots["hellaswag"] + 1, 0, hellaswag),
+            "validation": choice_rows(test, 60, lambda a, r: hellaswag(a, r, "val")),
+            "test": [{**hellaswag(90, 0, "test"), "label": ""}]}},  # the hub's test has no labels
+        "truthfulqa/truthful_qa": {"multiple_choice": {
+            "validation": choice_rows(test, 60, truthfulqa)}},
+        "cais/mmlu": {s: {"dev": choice_rows(shots["mmlu"], 0, mmlu(s)),
+                          "test": choice_rows(test, 60 + i, mmlu(s))}
+                      for i, s in enumerate(mmlu_subjects())},
+        "allenai/winogrande": {"winogrande_xl": {
+            "train": choice_rows(shots["winogrande"] + 1, 0, winogrande),
+            "validation": choice_rows(test, 60, winogrande)}},
+        "openai/gsm8k": {"main": {"train": choice_rows(shots["gsm8k"] + 1, 0, gsm8k),
+                                  "test": choice_rows(test, 60, gsm8k)}},
+        "SaylorTwift/bbh": {name: {"test": choice_rows(test, 60, bbh)}  # shots: in the task file
+                            for name in ("causal_judgement", "sports_understanding",
+                                         "formal_fallacies")},
+        "allenai/openbookqa": {"main": {"train": choice_rows(2, 0, openbookqa),
+                                        "validation": choice_rows(1, 40, openbookqa),
+                                        "test": choice_rows(test, 60, openbookqa)}},
+    }
+
+
+def write_hub_cache(home: Path) -> None:
+    """paper_data() as the hub's cache holds it under HF_HOME=home."""
+    import pandas as pd
+
+    for repo, configs in paper_data().items():
+        root = home / "hub" / f"datasets--{repo.replace('/', '--')}"
+        snapshot = root / "snapshots" / COMMIT
+        card = ["---", "configs:"]
+        for config, splits in configs.items():
+            folder = "data" if config == "default" else config
+            card += [f"- config_name: {config}", "  data_files:"]
+            for split, rows in splits.items():
+                (snapshot / folder).mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows).to_parquet(snapshot / folder / f"{split}-00000-of-00001.parquet")
+                card += [f"  - split: {split}", f"    path: {folder}/{split}-*"]
+        (snapshot / "README.md").write_text("\n".join([*card, "---", ""]))
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(COMMIT)
+
+
+@pytest.fixture(scope="session")
+def paper_hub(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hub_cache(home)
+    return home
+
+
+@contextlib.contextmanager
+def offline_hub(home: Path):
+    """HF_HOME=home for this block, in the modules that read it at import (huggingface_hub's cache
+    path; datasets' own cache, so nothing is written under ~/.cache); HF_HUB_OFFLINE=1 is
+    conftest's."""
+    import datasets
+    import huggingface_hub.constants
+
+    assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+        yield
+
+
+@pytest.fixture(scope="session")
+def long_toy(small_sft_model, tmp_path_factory):
+    """The toy SFT model with room for the paper's prompts: 2048 positions (rotary: any position
+    is computed; lm-eval refuses to generate 256 tokens in the toy's 128), and replies capped at 16
+    new tokens by its generation_config, which transformers lets win over lm-eval's max_length:
+    the toy never learned chain of thought and would write BBH's 1024 tokens of digits."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("long_toy") / "model"
+    shutil.copytree(small_sft_model, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    generation = GenerationConfig.from_pretrained(path)
+    generation.max_new_tokens = 16
+    generation.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def run(small_sft_model, tmp_path_factory):
+def run(long_toy, paper_hub, tmp_path_factory):
+    """Two iterations of the toy; lm-eval's tasks, the paper's included, on the last model only.
+    Returns the run directory and what it printed."""
     out = tmp_path_factory.mktemp("run")
-    assert spin.cli(toy_run(small_sft_model, out, "--iters", 2, "--eval_samples", 40, "--report_to", "tensorboard",
-                             "--eval_tasks", "toy_sum", "--eval_limit", 30, *SMALL)) == 0
+    printed = io.StringIO()
+    with offline_hub(paper_hub), contextlib.redirect_stdout(printed):
+        assert spin.cli(toy_run(long_toy, out, "--iters", 2, "--eval_samples", 40,
+                                "--report_to", "tensorboard", "--eval_tasks", "toy_sum,paper",
+                                "--eval_models", "last", "--eval_limit", 1, *SMALL)) == 0
+    printed_by(out).write_text(printed.getvalue())
     return out
+
+
+def printed_by(run: Path) -> Path:
+    """Where the run fixture keeps what spin.py printed (beside the run directory)."""
+    return run.with_name(run.name + "-printed.txt")
 
 
 @pytest.mark.slow  # runs spin.py end to end (the run fixture)
@@ -131,15 +323,129 @@ def test_every_model_has_a_row_of_heldout_numbers(run):
     assert [(r["model"], r["path"]) for r in rows] == [(0, "start"), (1, "iter0/model"), (2, "iter1/model")]
     assert all(r["eval_prompts"] == 40 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert "eval_loss" not in rows[0] and all("eval_loss" in r for r in rows[1:])
-    for s, row in enumerate(rows):  # the shipped lm-eval task, run on every model
-        saved = json.loads((run / "eval" / f"lm_eval_model{s}.json").read_text())["results"]["toy_sum"]
-        assert saved["sample_len"] == 30 and row["toy_sum/exact_match"] == saved["exact_match,none"]
+    # --eval_models last: lm-eval ran on θ_2 alone
+    assert [any("/" in k for k in r) for r in rows] == [False, False, True]
+    assert sorted(p.name for p in (run / "eval").glob("lm_eval_*")) == ["lm_eval_model2.json"]
+    saved = json.loads((run / "eval" / "lm_eval_model2.json").read_text())["results"]["toy_sum"]
+    assert saved["sample_len"] == 1 and rows[2]["toy_sum/exact_match"] == saved["exact_match,none"]
     for s in (1, 2):  # the rows are what the saved samples give
         samples, previous = read_jsonl(run / "eval" / f"model{s}.jsonl"), read_jsonl(run / "eval" / f"model{s - 1}.jsonl")
         for key, value in evaluation.metrics(samples, previous, 1.0, "logistic").items():
             assert rows[s][key] == pytest.approx(value)
     iterations = read_jsonl(run / "iterations.jsonl")
     assert [r["eval_loss"] for r in iterations] == [r["eval_loss"] for r in rows[1:]]
+
+
+def snapshot(paper_hub: Path, setting) -> str:
+    """The cached snapshot directory of a setting's data set."""
+    repo = setting.dataset.split()[0].replace("/", "--")
+    return str(paper_hub / "hub" / f"datasets--{repo}" / "snapshots" / COMMIT)
+
+
+@pytest.mark.slow  # runs spin.py end to end (the run fixture)
+def test_the_papers_evaluation_of_the_last_model_has_the_papers_shots_metrics_and_mean(
+        run, paper_hub):
+    saved = json.loads((run / "eval" / "lm_eval_model2.json").read_text())
+    row = read_jsonl(run / "evaluation.jsonl")[2]
+    groups, results = saved["group_subtasks"], saved["results"]
+    subjects = [t for t in paper.under(groups, "mmlu") if t not in groups]
+    assert len(subjects) == 57
+    for s in paper.SETTINGS:  # every task ran on one question, with the shots of its setting,
+        for task in subjects if s.task == "mmlu" else [s.task]:  # on the cache's copy of its data
+            assert saved["n-shot"][task] == s.shots, task
+            assert saved["n-samples"][task]["effective"] == 1, task
+            assert saved["configs"][task]["dataset_path"] == snapshot(paper_hub, s), task
+    # each column is its setting's metric; MMLU the plain mean of its subjects; the average that
+    # of the six leaderboard columns
+    expected = {f"paper/{s.column}": results[s.task][s.metric] for s in paper.SETTINGS
+                if s.task != "mmlu"}
+    expected["paper/MMLU"] = sum(results[t]["acc,none"] for t in subjects) / len(subjects)
+    expected["paper/Average"] = sum(expected[f"paper/{s.column}"] for s in paper.LEADERBOARD) / 6
+    assert {k: v for k, v in row.items() if k.startswith("paper/")} == pytest.approx(expected)
+    assert 0 < expected["paper/MMLU"] < 1  # the subjects' scores differ: a mean, not a copy
+    # the harness version with the results, in the model card and in the printed table
+    version = importlib.metadata.version("lm_eval")
+    assert saved["harness"]["lm_eval"] == row["lm_eval_version"] == version
+    assert saved["harness"]["apply_chat_template"] is False
+    card = (run / "iter1" / "model" / "README.md").read_text()
+    printed = printed_by(run).read_text()
+    for text in (card, printed):
+        assert paper.harness_line(version) in text
+        assert "| model | ARC | HellaSwag | TruthfulQA | MMLU | Winogrande | GSM8k | Average |" in text
+        assert ("| paper: SPIN iteration 3 (Table 2) | 65.87 | 85.54 | 54.90 | 59.99 | 73.72 | "
+                "38.97 | 63.16 |") in text
+        assert ("| model | BBH causal judgement | BBH sports understanding | BBH formal fallacies | "
+                "OpenBookQA |") in text
+    assert "| θ_2 (this model) |" in card and "| θ_2 (iter1/model) |" in printed
+    assert "note: the model's generation_config sets max_new_tokens=16" in printed
+
+
+@pytest.mark.slow  # the run fixture, and a second evaluation of its last model
+def test_the_standalone_command_evaluates_a_model_directory_the_same_way(run, paper_hub, tmp_path,
+                                                                         capsys):
+    model = run / "iter1" / "model"
+    with offline_hub(paper_hub):
+        assert paper.main(["--model", str(model), "--limit", "1", "--batch_size", "200",
+                           "--output", str(tmp_path / "out.json")]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads((tmp_path / "out.json").read_text())
+    ran = json.loads((run / "eval" / "lm_eval_model2.json").read_text())
+    assert got["n-shot"] == {k: v for k, v in ran["n-shot"].items() if k != "toy_sum"}
+    # the same model, questions, shots and batches as the run's evaluation of θ_2: the same scores
+    # (approx: two runs of one computation, equal up to float rounding)
+    assert paper.scores(got) == pytest.approx(paper.scores(ran), abs=1e-6)
+    assert got["model"] == {"name": str(model), "revision": None}
+    version = importlib.metadata.version("lm_eval")
+    assert paper.harness_line(version) in printed and f"| {model} |" in printed
+    assert f"results: {tmp_path / 'out.json'}" in printed
+
+
+@pytest.mark.slow  # the run fixture loads the tasks
+def test_a_task_with_fewer_examples_than_its_shots_is_named(run, paper_hub):
+    tasks = {t.task_name: t for t in evaluation.paper_group(None).get_all_tasks()}
+    assert len(tasks) == 57 + len(paper.SETTINGS) - 1 and paper.short_of_shots(tasks) == []
+    arc = tasks["arc_challenge"]
+    arc.set_config(key="num_fewshot", value=26)  # the cache holds 25 + 1
+    try:
+        assert paper.short_of_shots(tasks) == [
+            f"arc_challenge runs 26-shot and needs 27 few-shot examples, its data "
+            f"({snapshot(paper_hub, paper.SETTINGS[0])}) has 26"]
+    finally:
+        arc.set_config(key="num_fewshot", value=25)
+
+
+def test_the_papers_columns_are_its_metrics_mmlu_the_mean_of_its_subjects():
+    """paper.scores on lm-eval's result layout: MMLU is the plain mean over subjects (lm-eval's own
+    group number weights them by size, 0.9 here), the average the plain mean of the six."""
+    metric = {s.task: (s.metric, 0.1 * i) for i, s in enumerate(paper.SETTINGS)}
+    results = {"results": {task: {m: v, f"{m.split(',')[0]}_stderr,none": 0.5}
+                           for task, (m, v) in metric.items()},
+               "group_subtasks": {"mmlu": ["mmlu_stem", "mmlu_law"],
+                                  "mmlu_stem": ["mmlu_algebra", "mmlu_physics"]}}
+    results["results"].update(mmlu={"acc,none": 0.9}, mmlu_stem={"acc,none": 0.2},
+                              mmlu_algebra={"acc,none": 0.0}, mmlu_physics={"acc,none": 0.25},
+                              mmlu_law={"acc,none": 1.0})
+    scores = paper.scores(results)
+    assert scores["paper/MMLU"] == pytest.approx((0.0 + 0.25 + 1.0) / 3)
+    assert (scores["paper/ARC"], scores["paper/GSM8k"], scores["paper/OpenBookQA"]) == \
+        pytest.approx((0.0, 0.5, 0.9))
+    assert scores["paper/Average"] == pytest.approx((0.0 + 0.1 + 0.2 + 1.25 / 3 + 0.4 + 0.5) / 6)
+    assert set(scores) == {f"paper/{s.column}" for s in paper.SETTINGS} | {"paper/Average"}
+
+
+def test_eval_models_names_the_models_lm_eval_runs_on(tmp_path, capsys):
+    def chosen(*names, iters=3):
+        return [s for s in range(iters + 1)
+                if evaluation.evaluated(s, Namespace(eval_models=list(names), iters=iters))]
+    assert chosen("all") == [0, 1, 2, 3] and chosen("last") == [3] and chosen("start", "2") == [0, 2]
+    out = tmp_path / "run"
+    assert spin.cli(["--iters", "2", "--eval_models", "3", "--output_dir", str(out)]) == 2
+    assert "--eval_models 3: all, start, last or model numbers 0..2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_docs_show_the_settings_table_of_the_code():
+    assert paper.settings_table() in (ROOT / "docs" / "evaluation.md").read_text()
 
 
 @pytest.mark.slow  # runs spin.py end to end (the run fixture)
