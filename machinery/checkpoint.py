@@ -30,7 +30,8 @@ from machinery import distributed
 NOT_RESULTS = {"iters", "quiet", "output_dir", "overwrite_output_dir", "save_steps",
                "gradient_checkpointing",
                "attn_implementation", "rank", "local_rank", "report_to", "push_to_hub",
-               "hub_model_id", "hub_private_repo", "deterministic", "fast_logps", "lora_dropout"}
+               "hub_model_id", "hub_private_repo", "deterministic", "fast_logps", "lora_dropout",
+               "eval_models"}  # which models lm-eval scores: not what training computed
 
 
 class RunDirError(ValueError):
